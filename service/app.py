@@ -1,0 +1,30 @@
+"""create_app(settings): the FastAPI application; its lifespan owns the Redis connection."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.errors import install_error_handlers
+from service.routes import health, jobs
+from shared.settings import Settings
+from shared.storage import Storage
+from shared.store import JobStore, connect
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = connect(settings.require_redis_url())
+        app.state.store = JobStore(client, settings.key_prefix)
+        app.state.storage = Storage(settings.storage_root)
+        try:
+            yield
+        finally:
+            client.close()
+
+    app = FastAPI(title="aetrain", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app

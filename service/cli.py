@@ -1,0 +1,237 @@
+"""The `aetrain` command line: the embedded stack, the processes one by one, and a client."""
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from service.client import ApiError, Client
+from shared.settings import Settings
+
+app = typer.Typer(help="aetrain: train autoencoders as jobs.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+UrlOpt = Annotated[str, typer.Option("--url", envvar="AETRAIN_URL", help="API address")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _client(url: str) -> Client:
+    return Client(url, api_key=os.environ.get("AETRAIN_API_KEY"))
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+# -- processes -----------------------------------------------------------------------------------
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="bind address of the API")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the API")] = 8000,
+) -> None:
+    """Run everything on this machine: Redis, local Ray, a dispatcher and the API."""
+    from service.embedded import run_up
+
+    raise typer.Exit(run_up(Settings(), host, port))
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+) -> None:
+    """Run the HTTP API alone (needs AETRAIN_REDIS_URL)."""
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = Settings()
+    if settings.auth == "on":
+        raise _fail(
+            "AETRAIN_AUTH=on: API keys are not implemented yet, so the API refuses to run "
+            "open; set AETRAIN_AUTH=off on a trusted network (`aetrain up` does)"
+        )
+    if not settings.redis_url:
+        raise _fail("AETRAIN_REDIS_URL is not set")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@app.command()
+def worker() -> None:
+    """Run one dispatcher (needs AETRAIN_REDIS_URL; RAY_ADDRESS or a local Ray)."""
+    from workers.main import run_worker
+
+    run_worker(Settings())
+
+
+# -- client --------------------------------------------------------------------------------------
+def load_spec(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise _fail(
+            f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"
+        ) from None
+    if not isinstance(spec, dict):
+        raise _fail(f"{path}: a job spec is a mapping (kind, data, model, ...)")
+    return spec
+
+
+@app.command()
+def submit(
+    spec_file: Annotated[Path, typer.Argument(help="job spec, YAML or JSON")],
+    wait: Annotated[bool, typer.Option("--wait", help="follow the job to its end")] = False,
+    idempotency_key: Annotated[str | None, typer.Option(help="makes a retried submit safe")] = None,
+    url: UrlOpt = DEFAULT_URL,
+) -> None:
+    """Submit a job; prints its id (with --wait, a progress bar until it ends)."""
+    client = _client(url)
+    try:
+        job = client.submit(load_spec(spec_file), idempotency_key)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    console.print(job["id"])
+    if wait:
+        final = follow(client, job)
+        show_job(final)
+        if final["state"] != "succeeded":
+            raise typer.Exit(1)
+
+
+def follow(client: Client, job: dict[str, Any]) -> dict[str, Any]:
+    total = job["spec"].get("training", {}).get("epochs") or 1
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task(job["state"], total=total, metrics="")
+        while True:
+            try:
+                job = client.get(job["id"])
+            except ApiError as exc:
+                progress.update(task, description=f"retrying: {exc}")
+                time.sleep(2)
+                continue
+            done = 0 if job["epoch"] is None else job["epoch"] + 1
+            loss = job["metrics"].get("val_mse", job["metrics"].get("val_bce"))
+            shown = f"val {loss:.5f}" if loss is not None else ""
+            progress.update(task, completed=done, description=job["state"], metrics=shown)
+            if job["state"] in TERMINAL:
+                return job
+            time.sleep(1.0)
+
+
+def show_job(job: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None)
+    for key in (
+        "id",
+        "name",
+        "kind",
+        "state",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "epoch",
+        "attempts",
+        "error",
+    ):
+        table.add_row(key, str(job.get(key)))
+    for stage in job.get("stages", []):
+        table.add_row(f"stage {stage['name']}", f"{stage['state']} (epoch {stage['epoch']})")
+    for warning in job.get("warnings", []):
+        table.add_row("warning", warning)
+    if job.get("metrics"):
+        table.add_row("latest", json.dumps(job["metrics"]))
+    console.print(table)
+
+
+@app.command()
+def status(job_id: str, url: UrlOpt = DEFAULT_URL) -> None:
+    """Show a job's record."""
+    try:
+        show_job(_client(url).get(job_id))
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command("list")
+def list_jobs(
+    state: Annotated[
+        str | None, typer.Option(help="queued|running|succeeded|failed|cancelled")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200)] = 50,
+    url: UrlOpt = DEFAULT_URL,
+) -> None:
+    """List jobs, newest first."""
+    try:
+        page = _client(url).list(state, limit)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    table = Table("name", "state", "epoch", "created_at")
+    table.add_column("id", no_wrap=True, min_width=21)
+    for job in page["items"]:
+        table.add_row(job["name"], job["state"], str(job["epoch"]), job["created_at"], job["id"])
+    console.print(table)
+
+
+@app.command()
+def cancel(job_id: str, url: UrlOpt = DEFAULT_URL) -> None:
+    """Cancel a queued or running job."""
+    try:
+        job = _client(url).cancel(job_id)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"{job['id']}: {job['state']}" + (" (stopping)" if job.get("cancel_requested") else "")
+    )
+
+
+@app.command()
+def result(job_id: str, url: UrlOpt = DEFAULT_URL) -> None:
+    """Print a finished job's final metrics and artifacts as JSON."""
+    try:
+        console.print_json(json.dumps(_client(url).result(job_id)))
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def pull(
+    job_id: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="file to write")],
+    format: Annotated[str, typer.Option(help="torchscript or safetensors")] = "torchscript",
+    url: UrlOpt = DEFAULT_URL,
+) -> None:
+    """Download a finished job's encoder."""
+    try:
+        data = _client(url).encoder(job_id, format)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    output.write_bytes(data)
+    console.print(f"wrote {output} ({len(data):,} bytes, {format})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

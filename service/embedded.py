@@ -1,0 +1,169 @@
+"""`aetrain up`: the whole stack on one machine, as supervised child processes.
+
+redis-server (append-only file on, unless AETRAIN_REDIS_URL is set), one dispatcher (which
+starts a local Ray unless RAY_ADDRESS is set) and the API. Ctrl-C stops them in order: the
+API, then the dispatcher (running jobs go back to the queue and resume from their checkpoint
+on the next start), then Redis, which flushes its append-only file.
+"""
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import redis
+
+from shared.settings import Settings
+
+_PR_SET_PDEATHSIG = 1
+_STOP_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent(signum: int) -> None:
+    # A killed `aetrain up` takes its children with it instead of leaving them orphaned.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
+
+
+def _spawn(name: str, args: list[str], env: dict[str, str], logs: Path, signum: int) -> Child:
+    log_path = logs / f"{name}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            args,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches only `up`, which stops children in order
+            preexec_fn=lambda: _die_with_parent(signum),
+        )
+    return Child(name, process, log_path)
+
+
+def _wait_for_redis(url: str, child: Child, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    while time.monotonic() < deadline:
+        if child.process.poll() is not None:
+            raise RuntimeError(f"redis-server exited; see {child.log_path}")
+        with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError):
+            if client.ping():
+                return
+        time.sleep(0.1)
+    raise RuntimeError(
+        f"redis-server did not answer within {timeout_s:.0f} s; see {child.log_path}"
+    )
+
+
+def start_redis(home: Path, env: dict[str, str], logs: Path) -> tuple[Child, str]:
+    data = home / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = [
+        "redis-server",
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(data),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--save", "",
+    ]  # fmt: skip
+    try:
+        child = _spawn("redis", args, env, logs, signal.SIGTERM)
+    except FileNotFoundError:
+        raise RuntimeError(
+            "redis-server is not installed: install it (apt-get install redis-server) "
+            "or set AETRAIN_REDIS_URL to a running Redis"
+        ) from None
+    url = f"redis://127.0.0.1:{port}/0"
+    _wait_for_redis(url, child)
+    (home / "redis.url").write_text(url + "\n")
+    return child, url
+
+
+def run_up(settings: Settings, host: str, port: int) -> int:
+    """Run the embedded stack until Ctrl-C or a child dies; returns the exit code."""
+    home = settings.home.resolve()
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "AETRAIN_HOME": str(home),
+        "AETRAIN_STORAGE": settings.storage_root,
+        "AETRAIN_AUTH": os.environ.get("AETRAIN_AUTH", "off"),
+    }
+    children: list[Child] = []
+    stop_requested = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        if settings.redis_url:
+            env["AETRAIN_REDIS_URL"] = settings.redis_url
+        else:
+            redis_child, env["AETRAIN_REDIS_URL"] = start_redis(home, env, logs)
+            children.append(redis_child)
+        cli = [sys.executable, "-m", "service.cli"]
+        children.append(_spawn("worker", [*cli, "worker"], env, logs, signal.SIGTERM))
+        api = [*cli, "api", "--host", host, "--port", str(port)]
+        children.append(_spawn("api", api, env, logs, signal.SIGTERM))
+        print(f"aetrain is up: API http://{host}:{port}  (state in {home}, logs in {logs})")
+        print("Ctrl-C stops it; running jobs resume from their checkpoints on the next start.")
+        sys.stdout.flush()
+        while not stop_requested:
+            dead = [c for c in children if c.process.poll() is not None]
+            if dead:
+                for child in dead:
+                    print(
+                        f"aetrain: {child.name} exited with code {child.process.returncode}; "
+                        f"see {child.log_path}",
+                        file=sys.stderr,
+                    )
+                code = 1
+                break
+            time.sleep(0.2)
+    except RuntimeError as exc:
+        print(f"aetrain up: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        stop_children(children)
+    print("aetrain stopped.")
+    return code
+
+
+def stop_children(children: list[Child]) -> None:
+    """Stop the API, then the dispatcher, then Redis (reverse start order)."""
+    for child in reversed(children):
+        if child.process.poll() is None:
+            child.process.terminate()
+            try:
+                child.process.wait(timeout=_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()

@@ -1,0 +1,74 @@
+"""Errors to HTTP: our domain errors, Redis outages and spec validation errors."""
+
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from shared.errors import (
+    ArtifactNotFound,
+    IdempotencyConflict,
+    InvalidTransition,
+    JobNotFound,
+    ResultNotReady,
+    TrainServiceError,
+)
+
+STATUS: dict[type[TrainServiceError], int] = {
+    JobNotFound: 404,
+    ArtifactNotFound: 404,
+    InvalidTransition: 409,
+    ResultNotReady: 409,
+    IdempotencyConflict: 409,
+}
+
+# Tags of the JobSpec union; pydantic puts the tag into an error's location.
+_KINDS = {"autoencoder", "stacked", "semisupervised"}
+
+
+def field_errors(errors: Any) -> list[dict[str, Any]]:
+    """Validation errors with `field` as a dotted path of the spec (`training.epochs`)."""
+    out = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())]
+        if loc and loc[0] in {"body", "query", "header", "path"}:
+            where, path = loc[0], loc[1:]
+        else:
+            where, path = "body", loc
+        if where == "body" and path and path[0] in _KINDS:
+            path = path[1:]
+        if error.get("type") in {"union_tag_invalid", "union_tag_not_found"}:
+            path = [*path, "kind"]
+        out.append(
+            {
+                "field": ".".join(path) or where,
+                "loc": [where, *path],
+                "msg": error.get("msg", "invalid"),
+                "type": error.get("type", "value_error"),
+            }
+        )
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+        status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 400)
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"detail": field_errors(exc.errors())}, status_code=422)
+
+    async def on_redis_down(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"the job store (Redis) is unavailable: {type(exc).__name__}"},
+            status_code=503,
+            headers={"Retry-After": "2"},
+        )
+
+    app.add_exception_handler(TrainServiceError, on_domain_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(redis.ConnectionError, on_redis_down)
+    app.add_exception_handler(redis.TimeoutError, on_redis_down)

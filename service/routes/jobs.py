@@ -1,0 +1,99 @@
+"""/v1/jobs: submit, list, read, cancel; results, artifacts and the encoder."""
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Response, status
+from fastapi.responses import FileResponse
+from pydantic import BaseModel
+
+from service.deps import StorageDep, StoreDep, TenantDep
+from shared.errors import ResultNotReady
+from shared.jobs import JobRecord, JobState
+from shared.specs import JobSpec
+from shared.storage import ENCODER_FILES
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+class JobPage(BaseModel):
+    items: list[JobRecord]
+    next_cursor: str | None
+
+
+class JobResult(BaseModel):
+    job_id: str
+    metrics: dict[str, Any]
+    artifacts: list[str]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def submit_job(
+    spec: JobSpec,
+    store: StoreDep,
+    tenant: TenantDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+) -> JobRecord:
+    """Validate and enqueue a job; a retried Idempotency-Key returns the first job (200)."""
+    job, created = store.submit(JobRecord.for_spec(spec, tenant), idempotency_key)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return job
+
+
+@router.get("")
+def list_jobs(
+    store: StoreDep,
+    tenant: TenantDep,
+    state: JobState | None = None,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobPage:
+    """The caller's jobs, newest first; pass `next_cursor` back as `cursor` for the next page."""
+    items, next_cursor = store.list_jobs(tenant, state, cursor, limit)
+    return JobPage(items=items, next_cursor=next_cursor)
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, store: StoreDep, tenant: TenantDep) -> JobRecord:
+    """The job record with its latest epoch and metrics."""
+    return store.get(job_id, tenant)
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, store: StoreDep, tenant: TenantDep) -> JobRecord:
+    """Cancel a queued job now, or ask a running job's runner to stop it within seconds."""
+    return store.request_cancel(job_id, tenant)
+
+
+@router.get("/{job_id}/result")
+def get_result(job_id: str, store: StoreDep, tenant: TenantDep) -> JobResult:
+    """Final metrics and artifact names; 409 until the job has succeeded."""
+    job = store.get(job_id, tenant)
+    if job.state is not JobState.SUCCEEDED or job.result is None:
+        raise ResultNotReady(job.id, job.state, job.error)
+    return JobResult(
+        job_id=job.id, metrics=job.result["metrics"], artifacts=job.result["artifacts"]
+    )
+
+
+@router.get("/{job_id}/artifacts/{name}")
+def get_artifact(
+    job_id: str, name: str, store: StoreDep, storage: StorageDep, tenant: TenantDep
+) -> FileResponse:
+    """One artifact, by a name from the job's artifact list."""
+    path = storage.artifact_path(store.get(job_id, tenant), name)
+    return FileResponse(path, filename=path.name)
+
+
+@router.get("/{job_id}/encoder")
+def get_encoder(
+    job_id: str,
+    store: StoreDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+    format: Literal["torchscript", "safetensors"] = "torchscript",
+) -> FileResponse:
+    """The trained encoder: TorchScript (`torch.jit.load`) or safetensors weights."""
+    path = storage.artifact_path(store.get(job_id, tenant), ENCODER_FILES[format])
+    return FileResponse(path, filename=f"{job_id}-{path.name}")

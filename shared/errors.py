@@ -1,0 +1,82 @@
+"""Errors of the aetrain domain.
+
+    TrainServiceError
+    ├── JobNotFound            no such job (or not the caller's)
+    ├── InvalidTransition      a state change the lifecycle does not allow
+    ├── LeaseLost              a runner's fencing token is no longer the job's
+    ├── ResultNotReady         a result asked for before the job succeeded
+    ├── ArtifactNotFound       a name that is not in the job's artifact list
+    ├── IdempotencyConflict    an Idempotency-Key reused with another spec
+    └── TrainingFailed         the training run ended with an error
+
+Each error keeps its constructor arguments in ``args`` and formats its message in ``__str__``,
+so it survives pickling across processes.
+"""
+
+
+class TrainServiceError(Exception):
+    """Base of every aetrain error."""
+
+
+class JobNotFound(TrainServiceError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"job {self.job_id!r} not found"
+
+
+class InvalidTransition(TrainServiceError):
+    def __init__(self, job_id: str, current: str, target: str) -> None:
+        super().__init__(job_id, current, target)
+        self.job_id, self.current, self.target = job_id, current, target
+
+    def __str__(self) -> str:
+        return f"job {self.job_id!r} is {self.current}; it cannot become {self.target}"
+
+
+class LeaseLost(TrainServiceError):
+    def __init__(self, job_id: str, token: int) -> None:
+        super().__init__(job_id, token)
+        self.job_id, self.token = job_id, token
+
+    def __str__(self) -> str:
+        return f"lease of job {self.job_id!r} with fencing token {self.token} is no longer held"
+
+
+class ResultNotReady(TrainServiceError):
+    def __init__(self, job_id: str, state: str, error: str | None = None) -> None:
+        super().__init__(job_id, state, error)
+        self.job_id, self.state, self.error = job_id, state, error
+
+    def __str__(self) -> str:
+        text = f"job {self.job_id!r} is {self.state}; its result exists once it has succeeded"
+        return f"{text} (error: {self.error})" if self.error else text
+
+
+class ArtifactNotFound(TrainServiceError):
+    def __init__(self, job_id: str, name: str) -> None:
+        super().__init__(job_id, name)
+        self.job_id, self.name = job_id, name
+
+    def __str__(self) -> str:
+        return f"job {self.job_id!r} has no artifact named {self.name!r}"
+
+
+class IdempotencyConflict(TrainServiceError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"Idempotency-Key {self.key!r} was already used with a different spec"
+
+
+class TrainingFailed(TrainServiceError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason

@@ -1,0 +1,165 @@
+"""Job and stage records and their lifecycles: every legal state change is listed here."""
+
+import secrets
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.errors import InvalidTransition
+from shared.specs import AutoencoderSpec
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class StageState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+# RUNNING -> QUEUED is a runner giving a job back (shutdown, lost Ray); a takeover after an
+# expired lease keeps RUNNING and bumps the fencing token instead.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset(
+        {JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+STAGE_TRANSITIONS: dict[StageState, frozenset[StageState]] = {
+    StageState.PENDING: frozenset(
+        {StageState.RUNNING, StageState.CANCELLED, StageState.SKIPPED, StageState.FAILED}
+    ),
+    StageState.RUNNING: frozenset(
+        {StageState.PENDING, StageState.SUCCEEDED, StageState.FAILED, StageState.CANCELLED}
+    ),
+    StageState.SUCCEEDED: frozenset(),
+    StageState.FAILED: frozenset(),
+    StageState.CANCELLED: frozenset(),
+    StageState.SKIPPED: frozenset(),
+}
+
+
+def is_terminal(state: JobState) -> bool:
+    return not TRANSITIONS[state]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    """A job id that sorts by creation time: `j` + 12 hex digits of ms + 8 random hex digits."""
+    return f"j{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
+class StageRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    state: StageState = StageState.PENDING
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    epoch: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class JobRecord(BaseModel):
+    """What Redis stores about a job; it changes only through `advance()` and `with_stage()`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(default_factory=new_job_id)
+    kind: str
+    name: str
+    tenant: str = "default"
+    state: JobState = JobState.QUEUED
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    epoch: int | None = Field(default=None, description="latest finished epoch (0-based)")
+    metrics: dict[str, float] = Field(default_factory=dict, description="latest metrics")
+    stages: list[StageRecord] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    error: str | None = None
+    attempts: int = Field(default=0, description="how many runs were started (takeovers count)")
+    cancel_requested: bool = False
+    result: dict[str, Any] | None = Field(
+        default=None, description="final metrics, artifact names and their folder"
+    )
+    spec: AutoencoderSpec
+
+    @classmethod
+    def for_spec(cls, spec: AutoencoderSpec, tenant: str = "default") -> "JobRecord":
+        return cls(
+            kind=spec.kind,
+            name=spec.name,
+            tenant=tenant,
+            spec=spec,
+            stages=[StageRecord(name=name) for name in stage_names(spec)],
+        )
+
+    def with_stage(self, name: str, to: StageState) -> "JobRecord":
+        """The record with stage `name` moved to state `to`."""
+        stages = []
+        for stage in self.stages:
+            if stage.name == name:
+                if to not in STAGE_TRANSITIONS[stage.state]:
+                    raise InvalidTransition(f"{self.id}/{name}", stage.state, to)
+                now = utcnow()
+                stage = stage.model_copy(
+                    update={
+                        "state": to,
+                        "started_at": now if to is StageState.RUNNING else stage.started_at,
+                        "finished_at": now if not STAGE_TRANSITIONS[to] else None,
+                    }
+                )
+            stages.append(stage)
+        return self.model_copy(update={"stages": stages})
+
+
+def stage_names(spec: AutoencoderSpec) -> list[str]:
+    """The stages a spec is planned into; an autoencoder job is one training stage."""
+    return ["train"]
+
+
+def advance(job: JobRecord, to: JobState, **changes: Any) -> JobRecord:
+    """The record moved to state `to`, with timestamps kept right; raises InvalidTransition."""
+    if to not in TRANSITIONS[job.state]:
+        raise InvalidTransition(job.id, job.state, to)
+    now = utcnow()
+    update: dict[str, Any] = {"state": to, **changes}
+    if to is JobState.RUNNING and job.started_at is None:
+        update["started_at"] = now
+    if not TRANSITIONS[to]:
+        update["finished_at"] = now
+        update["stages"] = [
+            s if not STAGE_TRANSITIONS[s.state] else _close_stage(s, to, now) for s in job.stages
+        ]
+    return job.model_copy(update=update)
+
+
+def _close_stage(stage: StageRecord, job_state: JobState, now: datetime) -> StageRecord:
+    final = {
+        JobState.SUCCEEDED: StageState.SUCCEEDED,
+        JobState.FAILED: StageState.FAILED,
+        JobState.CANCELLED: StageState.CANCELLED,
+    }[job_state]
+    if stage.state is StageState.PENDING:
+        final = StageState.SKIPPED
+    return stage.model_copy(update={"state": final, "finished_at": now})

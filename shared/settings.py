@@ -1,0 +1,38 @@
+"""Deployment settings shared by the API and the dispatcher (environment, prefix AETRAIN_)."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AETRAIN_", extra="ignore")
+
+    home: Path = Field(default=Path(".aetrain"), description="state folder of the embedded stack")
+    storage: str | None = Field(default=None, description="storage root; default $HOME/storage")
+    redis_url: str | None = Field(default=None, description="unset under `up`: spawn redis")
+    key_prefix: str = "aetrain"
+    auth: Literal["off", "on"] = "on"
+    lease_ttl_s: float = Field(default=15.0, gt=0.5, description="lease life without heartbeat")
+    dispatcher_slots: int = Field(default=1, ge=1, le=64, description="jobs run at once")
+    ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
+
+    @property
+    def storage_root(self) -> str:
+        return self.storage or str((self.home / "storage").resolve())
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError(
+                "AETRAIN_REDIS_URL is not set: point it at Redis, or run `aetrain up`, "
+                "which starts a private redis-server"
+            )
+        return self.redis_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

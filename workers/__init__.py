@@ -1,0 +1,1 @@
+"""Everything that runs training: data, models, losses, the train loop, the dispatcher."""

@@ -1,0 +1,82 @@
+"""Built-in datasets, the train/validation split and input normalization. No Ray imports."""
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn import datasets as sk_datasets
+from sklearn.model_selection import train_test_split
+
+from shared.specs import DataSpec
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """x_normalized = (x - shift) / scale, per feature, fitted on the training split."""
+
+    method: str
+    shift: np.ndarray  # (D,)
+    scale: np.ndarray  # (D,)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.shift) / self.scale).astype(np.float32)
+
+    def to_json(self) -> dict[str, object]:
+        return {"method": self.method, "shift": self.shift.tolist(), "scale": self.scale.tolist()}
+
+
+@dataclass(frozen=True)
+class Split:
+    x_train: np.ndarray  # (N_train, D), normalized float32
+    x_val: np.ndarray  # (N_val, D), normalized float32
+    y_train: np.ndarray | None
+    y_val: np.ndarray | None
+    normalization: Normalization
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.x_train.shape[1])
+
+
+def load_raw(data: DataSpec) -> tuple[np.ndarray, np.ndarray | None]:
+    """The whole dataset as (x, y); y is None for unlabeled data."""
+    if data.dataset == "digits":
+        bunch = sk_datasets.load_digits()
+        return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+    if data.dataset == "swiss_roll":
+        x, _ = sk_datasets.make_swiss_roll(n_samples=data.n_samples, random_state=data.seed)
+        return x.astype(np.float32), None
+    if data.dataset == "s_curve":
+        x, _ = sk_datasets.make_s_curve(n_samples=data.n_samples, random_state=data.seed)
+        return x.astype(np.float32), None
+    raise ValueError(f"unknown dataset {data.dataset!r}")
+
+
+def fit_normalization(x: np.ndarray, method: str) -> Normalization:
+    dim = x.shape[1]
+    if method == "minmax":
+        shift, scale = x.min(axis=0), x.max(axis=0) - x.min(axis=0)
+    elif method == "standard":
+        shift, scale = x.mean(axis=0), x.std(axis=0)
+    else:
+        shift, scale = np.zeros(dim), np.ones(dim)
+    # A constant feature (digits has several all-zero pixels) would divide by zero.
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    return Normalization(method, shift.astype(np.float32), scale.astype(np.float32))
+
+
+def build_datasets(data: DataSpec) -> Split:
+    """Seeded train/validation split, normalized with statistics of the training part only."""
+    x, y = load_raw(data)
+    index = np.arange(len(x))
+    stratify = y if y is not None else None
+    train_idx, val_idx = train_test_split(
+        index, test_size=data.validation_fraction, random_state=data.seed, stratify=stratify
+    )
+    norm = fit_normalization(x[train_idx], data.normalize)
+    return Split(
+        x_train=norm.apply(x[train_idx]),
+        x_val=norm.apply(x[val_idx]),
+        y_train=None if y is None else y[train_idx],
+        y_val=None if y is None else y[val_idx],
+        normalization=norm,
+    )

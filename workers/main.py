@@ -1,0 +1,56 @@
+"""Wiring of the dispatcher process: settings, Redis, Ray, signals."""
+
+import logging
+import signal
+from types import FrameType
+
+import ray
+
+from shared.settings import Settings
+from shared.storage import Storage
+from shared.store import JobStore, connect
+from workers.dispatcher import Dispatcher
+
+
+def connect_ray(address: str | None) -> str:
+    """Join the Ray cluster at `address`, or start a local one; returns its GCS address."""
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # address="local": never attach to some other Ray that happens to run on this machine.
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    gcs_address: str = ray.get_runtime_context().gcs_address
+    return gcs_address
+
+
+def run_worker(settings: Settings | None = None) -> None:
+    settings = settings or Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    redis_url = settings.require_redis_url()
+    store = JobStore(connect(redis_url), settings.key_prefix)
+    storage = Storage(settings.storage_root)
+    storage.root.mkdir(parents=True, exist_ok=True)
+    ray_address = connect_ray(settings.ray_address)
+    dispatcher = Dispatcher(
+        store,
+        storage,
+        redis_url,
+        ray_address,
+        lease_ttl_s=settings.lease_ttl_s,
+        slots=settings.dispatcher_slots,
+    )
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logging.getLogger("aetrain.worker").info("signal %d: stopping", signum)
+        dispatcher.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        dispatcher.run_forever()
+    finally:
+        ray.shutdown()

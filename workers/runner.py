@@ -1,0 +1,110 @@
+"""Runs one stage as a supervised child process and watches lease, cancel and exit."""
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from shared.errors import LeaseLost, TrainingFailed
+from shared.store import Claim, JobStore
+
+_PR_SET_PDEATHSIG = 1
+_POLL_S = 0.2
+_CANCEL_CHECK_S = 1.0
+
+
+class StopReason(StrEnum):
+    CANCELLED = "cancelled"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What the dispatcher needs to start a stage's child process."""
+
+    claim: Claim
+    stage: str
+    config: dict[str, Any]
+    log_path: Path
+
+
+class Stopped(Exception):
+    """The run was stopped on purpose (cancel or shutdown), not by a failure."""
+
+    def __init__(self, reason: StopReason) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _die_with_parent() -> None:
+    # Linux only: the child gets SIGKILL when the dispatcher dies, so a dead dispatcher never
+    # leaves a live run behind that a second runner would duplicate.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def run_stage(
+    store: JobStore,
+    run: StageRun,
+    lease_ttl_s: float,
+    should_stop: Callable[[], bool],
+) -> dict[str, Any]:
+    """Run the stage to its end; returns the child's outcome or raises.
+
+    Raises Stopped on cancel or shutdown, LeaseLost when the lease is gone, TrainingFailed when
+    training raised.
+    """
+    job_id, token = run.claim.job.id, run.claim.token
+    workdir = run.log_path.parent
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / f"{run.stage}-attempt-{token}.json"
+    outcome_path = workdir / f"{run.stage}-attempt-{token}.outcome.json"
+    outcome_path.unlink(missing_ok=True)
+    config_path.write_text(json.dumps({**run.config, "outcome_path": str(outcome_path)}))
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    with open(run.log_path, "ab") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "workers.stage_process", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+    heartbeat_every = lease_ttl_s / 5
+    last_beat = last_cancel_check = time.monotonic()
+    try:
+        while child.poll() is None:
+            time.sleep(_POLL_S)
+            now = time.monotonic()
+            if now - last_beat >= heartbeat_every:
+                if not store.heartbeat(job_id, token, lease_ttl_s):
+                    raise LeaseLost(job_id, token)
+                last_beat = now
+            if now - last_cancel_check >= _CANCEL_CHECK_S:
+                if store.get(job_id).cancel_requested:
+                    raise Stopped(StopReason.CANCELLED)
+                last_cancel_check = now
+            if should_stop():
+                raise Stopped(StopReason.SHUTDOWN)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if not outcome_path.exists():
+        raise TrainingFailed(f"training process exited with code {child.returncode}")
+    outcome: dict[str, Any] = json.loads(outcome_path.read_text())
+    if "error" in outcome:
+        raise TrainingFailed(outcome["error"])
+    return outcome

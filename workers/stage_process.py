@@ -1,0 +1,81 @@
+"""One stage's Ray Train run, in a process of its own: `python -m workers.stage_process CONFIG`.
+
+A Ray job fate-shares with its driver: when this process dies (cancel, lost lease, dispatcher
+gone), Ray removes its controller, its workers and their placement group within a second.
+Run inside the dispatcher, a cancelled run left its placement group holding the CPUs.
+"""
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from shared.specs import parse_job_spec
+from workers.train_loop import train_loop_per_worker
+
+# Ray Train V2 drains reports every 2 s by default; a checkpoint report then costs ~2 s.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+
+def run(config: dict[str, Any]) -> dict[str, Any]:
+    spec = parse_job_spec(config["spec"])
+    resources = spec.resources
+    ray.init(address=config["ray_address"], runtime_env={"env_vars": RAY_ENV})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": resources.cpus_per_worker,
+                **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=config["run_name"],
+            storage_path=config["runs_root"],
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.training.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=resources.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint")
+    return {"checkpoint": result.checkpoint.path}
+
+
+def main() -> None:
+    config_path = Path(sys.argv[1])
+    config = json.loads(config_path.read_text())
+    outcome_path = Path(config["outcome_path"])
+    try:
+        outcome = run(config)
+    except Exception as exc:  # the dispatcher reads the reason from the outcome file
+        traceback.print_exc()
+        outcome = {"error": describe_error(exc)}
+    outcome_path.write_text(json.dumps(outcome))
+    sys.exit(0 if "error" not in outcome else 1)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A readable reason: the innermost training error, not Ray's wrapper text."""
+    cause: BaseException = exc
+    for attr in ("worker_failures",):
+        failures = getattr(exc, attr, None)
+        if isinstance(failures, dict) and failures:
+            cause = next(iter(failures.values()))
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(cause).strip().splitlines()
+    last = text[-1] if text else ""
+    return f"{type(cause).__name__}: {last}"[:2000]
+
+
+if __name__ == "__main__":
+    main()
