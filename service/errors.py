@@ -1,5 +1,6 @@
 """Errors to HTTP: our domain errors, Redis outages and spec validation errors."""
 
+import re
 from typing import Any
 
 import redis
@@ -24,6 +25,9 @@ STATUS: dict[type[TrainServiceError], int] = {
     IdempotencyConflict: 409,
 }
 
+# Checks across fields (shared/specs.py) start their message with the field they blame.
+_NAMED_FIELD = re.compile(r"^Value error, ([a-z_]+(?:\.[a-z_]+)*): ")
+
 # Tags of the JobSpec union; pydantic puts the tag into an error's location.
 _KINDS = {"autoencoder", "stacked", "semisupervised"}
 
@@ -41,6 +45,8 @@ def field_errors(errors: Any) -> list[dict[str, Any]]:
             path = path[1:]
         if error.get("type") in {"union_tag_invalid", "union_tag_not_found"}:
             path = [*path, "kind"]
+        elif named := _NAMED_FIELD.match(error.get("msg", "")):
+            path = [*path, *named.group(1).split(".")]  # a check across fields names its field
         out.append(
             {
                 "field": ".".join(path) or where,

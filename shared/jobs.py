@@ -116,6 +116,8 @@ class JobRecord(BaseModel):
 
     def with_stage(self, name: str, to: StageState) -> "JobRecord":
         """The record with stage `name` moved to state `to`."""
+        if name not in {stage.name for stage in self.stages}:
+            raise ValueError(f"job {self.id} has no stage {name!r}")
         stages = []
         for stage in self.stages:
             if stage.name == name:

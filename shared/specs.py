@@ -44,7 +44,7 @@ class DataSpec(FrozenSpec):
 
 class DenseModelSpec(FrozenSpec):
     arch: Literal["dense"] = "dense"
-    hidden: list[Width] = Field(default_factory=list, max_length=8)
+    hidden: tuple[Width, ...] = Field(default=(), max_length=8)
     latent_dim: Width
     activation: Activation = "relu"
     code_activation: Activation = Field(
@@ -84,8 +84,8 @@ class ResourcesSpec(FrozenSpec):
 class JobSpecBase(FrozenSpec):
     name: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9_.\- ]*$")
     priority: int = Field(default=0, ge=0, le=9)
-    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
-        default_factory=list, max_length=16
+    tags: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = Field(
+        default=(), max_length=16
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 

@@ -222,30 +222,25 @@ class JobStore:
 
     # -- the runner's side: claim, heartbeat, fenced writes -----------------------------------
     def claim(self, consumer: str, lease_ttl_s: float, block_ms: int = 1000) -> Claim | None:
-        """Take one job: a new queue message, or one whose runner's lease has expired."""
+        """Take one job: one whose runner's lease has expired, else a new queue message."""
         self.ensure_group()
-        for message_id, job_id in self._pending_messages(consumer, lease_ttl_s, block_ms):
-            claim = self._acquire(job_id, message_id, lease_ttl_s)
-            if claim is not None:
-                return claim
-        return None
-
-    def _pending_messages(
-        self, consumer: str, lease_ttl_s: float, block_ms: int
-    ) -> list[tuple[str, str]]:
+        idle_ms = int(lease_ttl_s * 1000)
         # Messages idle longer than a lease belong to runners that may be dead; a live runner's
         # lease makes _acquire pass them by, so a long job is never handed to a second runner.
-        idle_ms = int(lease_ttl_s * 1000)
         _, stale, _ = self.redis.xautoclaim(
             self.queue_key, GROUP, consumer, min_idle_time=idle_ms, start_id="0-0", count=10
         )
-        messages = [(mid, fields["job_id"]) for mid, fields in stale if fields]
-        if messages:
-            return messages
+        for message_id, fields in stale:
+            if fields and (claim := self._acquire(fields["job_id"], message_id, lease_ttl_s)):
+                return claim
         fresh = self.redis.xreadgroup(
-            GROUP, consumer, {self.queue_key: ">"}, count=1, block=block_ms
+            GROUP, consumer, {self.queue_key: ">"}, count=1, block=max(block_ms, 1)
         )
-        return [(mid, fields["job_id"]) for _, entries in fresh for mid, fields in entries]
+        for _, entries in fresh:
+            for message_id, fields in entries:
+                if claim := self._acquire(fields["job_id"], message_id, lease_ttl_s):
+                    return claim
+        return None
 
     def _acquire(self, job_id: str, message_id: str, lease_ttl_s: float) -> Claim | None:
         job_key, lease_key = self._job_key(job_id), self._lease_key(job_id)

@@ -1,0 +1,472 @@
+"""JobStore on a real redis-server: submission, claims, leases and fencing, progress."""
+
+import threading
+import time
+from typing import Any, cast
+
+import pytest
+
+from shared.errors import IdempotencyConflict, InvalidTransition, JobNotFound, LeaseLost
+from shared.jobs import JobRecord, JobState, StageState
+from shared.specs import parse_job_spec
+from shared.store import GROUP, Claim, JobStore, connect
+from tests.specs import digits_spec
+
+LONG_LEASE_S = 30.0
+SHORT_LEASE_S = 0.6
+BLOCK_MS = 50  # a claim that finds nothing returns after this
+
+
+def new_job(tenant: str = "default", **training: Any) -> JobRecord:
+    return JobRecord.for_spec(parse_job_spec(digits_spec(**training)), tenant=tenant)
+
+
+def submitted(store: JobStore, tenant: str = "default") -> JobRecord:
+    job, created = store.submit(new_job(tenant))
+    assert created
+    return job
+
+
+def claim(store: JobStore, consumer: str = "c1", lease_ttl_s: float = LONG_LEASE_S) -> Claim:
+    got = store.claim(consumer, lease_ttl_s, block_ms=BLOCK_MS)
+    assert got is not None
+    return got
+
+
+def queue_length(store: JobStore) -> int:
+    return int(store.redis.xlen(store.queue_key))
+
+
+def pending(store: JobStore) -> int:
+    return int(store.redis.xpending(store.queue_key, GROUP)["pending"])
+
+
+def raw(store: JobStore, job_id: str) -> str | None:
+    return cast(str | None, store.redis.get(f"{store.prefix}:job:{job_id}"))
+
+
+def lease(store: JobStore, job_id: str) -> str | None:
+    return cast(str | None, store.redis.get(f"{store.prefix}:lease:{job_id}"))
+
+
+def queue_messages(store: JobStore) -> list[tuple[str, dict[str, str]]]:
+    return cast(list[tuple[str, dict[str, str]]], store.redis.xrange(store.queue_key))
+
+
+# -- submission and reads ---------------------------------------------------------------------
+
+
+def test_submit_then_get_returns_the_same_record(store: JobStore) -> None:
+    job = new_job()
+    stored, created = store.submit(job)
+    assert created and stored == job
+    got = store.get(job.id)
+    assert got == job
+    assert got.state is JobState.QUEUED
+    assert got.spec == job.spec
+
+
+def test_get_of_an_unknown_job_or_another_tenants_job_is_not_found(store: JobStore) -> None:
+    job = submitted(store, tenant="acme")
+    with pytest.raises(JobNotFound):
+        store.get("j000000000000deadbeef")
+    with pytest.raises(JobNotFound):
+        store.get(job.id, tenant="other")
+    assert store.get(job.id, tenant="acme").id == job.id
+
+
+def test_submit_enqueues_exactly_one_message_naming_the_job(store: JobStore) -> None:
+    job = submitted(store)
+    messages = queue_messages(store)
+    assert len(messages) == 1
+    assert messages[0][1] == {"job_id": job.id}
+
+
+def test_same_idempotency_key_and_spec_returns_the_first_job(store: JobStore) -> None:
+    first, created = store.submit(new_job(), idempotency_key="key-1")
+    assert created
+    retry = new_job()
+    again, created_again = store.submit(retry, idempotency_key="key-1")
+    assert created_again is False
+    assert again.id == first.id
+    assert queue_length(store) == 1
+    with pytest.raises(JobNotFound):
+        store.get(retry.id)
+
+
+def test_same_idempotency_key_with_another_spec_is_a_conflict(store: JobStore) -> None:
+    first, _ = store.submit(new_job(), idempotency_key="key-1")
+    other = new_job(epochs=7)
+    with pytest.raises(IdempotencyConflict) as info:
+        store.submit(other, idempotency_key="key-1")
+    assert info.value.key == "key-1"
+    assert queue_length(store) == 1
+    with pytest.raises(JobNotFound):
+        store.get(other.id)
+    assert store.get(first.id).spec.training.epochs == 3
+
+
+def test_idempotency_keys_are_per_tenant(store: JobStore) -> None:
+    a, _ = store.submit(new_job("a"), idempotency_key="key-1")
+    b, created = store.submit(new_job("b", epochs=9), idempotency_key="key-1")
+    assert created and b.id != a.id
+    assert queue_length(store) == 2
+
+
+def submit_spaced(store: JobStore, count: int, tenant: str = "default") -> list[JobRecord]:
+    jobs = []
+    for _ in range(count):
+        jobs.append(submitted(store, tenant))
+        time.sleep(0.002)  # ids resolve milliseconds
+    return jobs
+
+
+def test_list_jobs_is_newest_first(store: JobStore) -> None:
+    jobs = submit_spaced(store, 4)
+    submitted(store, tenant="other")
+    listed, cursor = store.list_jobs("default")
+    assert [j.id for j in listed] == [j.id for j in reversed(jobs)]
+    assert cursor is None
+    created = [j.created_at for j in listed]
+    assert created == sorted(created, reverse=True)
+
+
+def test_list_jobs_filters_by_state(store: JobStore) -> None:
+    jobs = submit_spaced(store, 5)
+    for job in jobs[1::2]:
+        store.request_cancel(job.id)
+    cancelled, _ = store.list_jobs("default", state=JobState.CANCELLED)
+    queued, _ = store.list_jobs("default", state=JobState.QUEUED)
+    assert [j.id for j in cancelled] == [jobs[3].id, jobs[1].id]
+    assert [j.id for j in queued] == [jobs[4].id, jobs[2].id, jobs[0].id]
+    assert store.list_jobs("default", state=JobState.RUNNING) == ([], None)
+
+
+def test_cursor_pages_cover_every_job_exactly_once(store: JobStore) -> None:
+    jobs = submit_spaced(store, 7)
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = store.list_jobs("default", cursor=cursor, limit=3)
+        pages.append([j.id for j in page])
+        assert len(page) <= 3
+        if cursor is None:
+            break
+        assert len(pages) < 10, "pagination does not end"
+    assert [len(p) for p in pages] == [3, 3, 1]
+    seen = [job_id for page in pages for job_id in page]
+    assert seen == [j.id for j in reversed(jobs)]
+
+
+def test_cursor_pages_with_a_state_filter(store: JobStore) -> None:
+    jobs = submit_spaced(store, 7)
+    for job in jobs[::3]:  # 0, 3, 6
+        store.request_cancel(job.id)
+    expected = [j.id for j in reversed(jobs) if j not in jobs[::3]]
+    seen: list[str] = []
+    cursor: str | None = None
+    for _ in range(10):
+        page, cursor = store.list_jobs("default", state=JobState.QUEUED, cursor=cursor, limit=3)
+        assert all(j.state is JobState.QUEUED for j in page)
+        seen += [j.id for j in page]
+        if cursor is None:
+            break
+    assert cursor is None
+    assert seen == expected
+
+
+# -- claims -----------------------------------------------------------------------------------
+
+
+def test_claim_runs_the_job_with_a_lease_and_a_token(store: JobStore) -> None:
+    job = submitted(store)
+    got = claim(store)
+    assert got.job.id == job.id
+    assert got.job.state is JobState.RUNNING and got.job.attempts == 1
+    assert got.job.started_at is not None
+    assert got.token == 1
+    assert lease(store, job.id) == "1"
+    assert store.get(job.id).state is JobState.RUNNING
+    assert pending(store) == 1
+
+
+def test_claim_with_an_empty_queue_returns_none(store: JobStore) -> None:
+    assert store.claim("c1", LONG_LEASE_S, block_ms=BLOCK_MS) is None
+
+
+def test_two_claims_of_one_job_have_exactly_one_winner(store: JobStore) -> None:
+    job = submitted(store)
+    first = store.claim("c1", LONG_LEASE_S, block_ms=BLOCK_MS)
+    second = store.claim("c2", LONG_LEASE_S, block_ms=BLOCK_MS)
+    assert first is not None and first.job.id == job.id
+    assert second is None
+    assert store.get(job.id).attempts == 1
+
+
+def test_a_live_lease_keeps_a_redelivered_message_from_a_second_runner(store: JobStore) -> None:
+    job = submitted(store)
+    first = claim(store, "c1", LONG_LEASE_S)
+    time.sleep(0.1)
+    # with a short lease of its own, c2 sees c1's message as idle and reclaims it ...
+    assert store.claim("c2", 0.05, block_ms=BLOCK_MS) is None
+    # ... but c1's lease is live, so the job stays c1's
+    assert lease(store, job.id) == str(first.token)
+    after = store.get(job.id)
+    assert after.attempts == 1 and after.warnings == []
+
+
+def test_concurrent_claims_of_one_job_have_exactly_one_winner(
+    store: JobStore, redis_url: str
+) -> None:
+    submitted(store)
+    stores = [JobStore(connect(redis_url), store.prefix) for _ in range(4)]
+    for s in stores:
+        s.ensure_group()
+    barrier = threading.Barrier(len(stores))
+    results: list[Claim | None] = [None] * len(stores)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = stores[i].claim(f"c{i}", LONG_LEASE_S, block_ms=200)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    for s in stores:
+        s.redis.close()
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+
+
+def test_claim_of_a_job_cancelled_while_queued_returns_none_and_acks(store: JobStore) -> None:
+    job = submitted(store)
+    cancelled = store.request_cancel(job.id)
+    assert cancelled.state is JobState.CANCELLED
+    assert cancelled.finished_at is not None
+    assert store.claim("c1", LONG_LEASE_S, block_ms=BLOCK_MS) is None
+    assert pending(store) == 0
+    assert lease(store, job.id) is None
+    assert store.get(job.id).state is JobState.CANCELLED
+
+
+# -- leases and fencing -----------------------------------------------------------------------
+
+
+def test_heartbeat_renews_only_with_the_right_token(store: JobStore) -> None:
+    job = submitted(store)
+    got = claim(store, lease_ttl_s=SHORT_LEASE_S)
+    assert store.heartbeat(job.id, got.token + 1, 30) is False
+    assert store.redis.pttl(f"{store.prefix}:lease:{job.id}") <= 600
+    assert store.heartbeat(job.id, got.token, 30) is True
+    assert store.redis.pttl(f"{store.prefix}:lease:{job.id}") > 10_000
+    assert lease(store, job.id) == str(got.token)
+
+
+def test_heartbeat_of_a_finished_job_is_false(store: JobStore) -> None:
+    job = submitted(store)
+    got = claim(store)
+    store.finish(got, JobState.SUCCEEDED)
+    assert store.heartbeat(job.id, got.token, 30) is False
+    assert lease(store, job.id) is None
+
+
+def test_update_with_the_right_token_changes_the_record(store: JobStore) -> None:
+    job = submitted(store)
+    got = claim(store)
+    new = store.update(job.id, got.token, lambda j: j.with_stage("train", StageState.RUNNING))
+    assert new.stages[0].state is StageState.RUNNING
+    assert store.get(job.id).stages[0].state is StageState.RUNNING
+
+
+def test_update_and_finish_with_a_stale_token_change_nothing(store: JobStore) -> None:
+    job = submitted(store)
+    got = claim(store)
+    before = raw(store, job.id)
+    stale = Claim(job=got.job, token=got.token + 1, message_id=got.message_id)
+
+    with pytest.raises(LeaseLost) as info:
+        store.update(job.id, stale.token, lambda j: j.with_stage("train", StageState.RUNNING))
+    assert info.value.token == stale.token
+    with pytest.raises(LeaseLost):
+        store.finish(stale, JobState.SUCCEEDED)
+    with pytest.raises(LeaseLost):
+        store.give_back(stale, "shutdown")
+
+    assert raw(store, job.id) == before
+    assert lease(store, job.id) == str(got.token)
+    assert pending(store) == 1
+    assert queue_length(store) == 1
+
+
+def test_an_expired_lease_is_taken_over_and_fences_the_first_runner(store: JobStore) -> None:
+    job = submitted(store)
+    first = claim(store, "c1", SHORT_LEASE_S)
+    time.sleep(SHORT_LEASE_S + 0.4)
+    assert lease(store, job.id) is None
+
+    second = claim(store, "c2", SHORT_LEASE_S)
+    assert second.job.id == job.id
+    assert second.token > first.token
+    assert second.message_id == first.message_id
+    record = store.get(job.id)
+    assert record.state is JobState.RUNNING
+    assert record.attempts == 2
+    assert len(record.warnings) == 1 and "lease expired" in record.warnings[0]
+    assert record.started_at == first.job.started_at
+
+    assert store.heartbeat(job.id, first.token, SHORT_LEASE_S) is False
+    assert store.record_progress(job.id, first.token, "train", 0, {"loss": 1.0}) is False
+    with pytest.raises(LeaseLost):
+        store.finish(first, JobState.FAILED, error="stale")
+    assert store.get(job.id).state is JobState.RUNNING
+    assert lease(store, job.id) == str(second.token)
+
+    done = store.finish(second, JobState.SUCCEEDED)
+    assert done.state is JobState.SUCCEEDED
+    assert pending(store) == 0
+
+
+def test_finish_to_a_terminal_state_releases_the_lease_and_acks(store: JobStore) -> None:
+    job = submitted(store)
+    got = claim(store)
+    assert pending(store) == 1
+    result = {"folder": "jobs/x/attempt-1", "artifacts": ["encoder.pt"]}
+    done = store.finish(got, JobState.SUCCEEDED, result=result)
+    assert done.state is JobState.SUCCEEDED and done.finished_at is not None
+    assert lease(store, job.id) is None
+    assert pending(store) == 0
+    stored = store.get(job.id)
+    assert stored.state is JobState.SUCCEEDED and stored.result == result
+    assert stored.stages[0].state is StageState.SKIPPED  # never started by a runner
+    # the acked message is not delivered again
+    assert store.claim("c2", 0.01, block_ms=BLOCK_MS) is None
+
+
+def terminal_job(store: JobStore, state: JobState) -> JobRecord:
+    job = submitted(store)
+    if state is JobState.CANCELLED:
+        return store.request_cancel(job.id)
+    got = claim(store)
+    return store.finish(got, state, error="boom" if state is JobState.FAILED else None)
+
+
+@pytest.mark.parametrize("state", [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED])
+def test_a_terminal_state_never_changes(store: JobStore, state: JobState) -> None:
+    job = terminal_job(store, state)
+    before = raw(store, job.id)
+    with pytest.raises(InvalidTransition) as info:
+        store.request_cancel(job.id)
+    assert info.value.current == state
+    assert store.claim("c9", 0.01, block_ms=BLOCK_MS) is None
+    assert raw(store, job.id) == before
+    assert store.get(job.id).state is state
+
+
+def test_request_cancel_on_a_running_job_flags_it_and_leaves_it_running(store: JobStore) -> None:
+    job = submitted(store)
+    got = claim(store)
+    flagged = store.request_cancel(job.id)
+    assert flagged.state is JobState.RUNNING and flagged.cancel_requested
+    stored = store.get(job.id)
+    assert stored.state is JobState.RUNNING and stored.cancel_requested
+    assert stored.finished_at is None
+    assert lease(store, job.id) == str(got.token)
+    cancelled = store.finish(got, JobState.CANCELLED, error="cancelled by request")
+    assert cancelled.state is JobState.CANCELLED
+
+
+def test_request_cancel_of_another_tenants_job_is_not_found(store: JobStore) -> None:
+    job = submitted(store, tenant="a")
+    with pytest.raises(JobNotFound):
+        store.request_cancel(job.id, tenant="b")
+    assert store.get(job.id).state is JobState.QUEUED
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+def test_record_progress_shows_in_get_and_in_metrics_history(store: JobStore) -> None:
+    job = submitted(store)
+    got = claim(store)
+    assert store.record_progress(job.id, got.token, "train", 0, {"loss": 0.5}) is True
+    assert store.record_progress(job.id, got.token, "train", 1, {"loss": 0.25, "val": 0.3})
+
+    record = store.get(job.id)
+    assert record.epoch == 1 and record.metrics == {"loss": 0.25, "val": 0.3}
+    assert record.stages[0].epoch == 1 and record.stages[0].metrics == {"loss": 0.25, "val": 0.3}
+    assert store.metrics_history(job.id) == [
+        {"stage": "train", "epoch": 0, "token": got.token, "loss": 0.5},
+        {"stage": "train", "epoch": 1, "token": got.token, "loss": 0.25, "val": 0.3},
+    ]
+
+
+def test_record_progress_with_a_wrong_token_writes_nothing(store: JobStore) -> None:
+    job = submitted(store)
+    got = claim(store)
+    assert store.record_progress(job.id, got.token + 1, "train", 0, {"loss": 0.5}) is False
+    record = store.get(job.id)
+    assert record.epoch is None and record.metrics == {}
+    assert record.stages[0].epoch is None and record.stages[0].metrics == {}
+    assert store.metrics_history(job.id) == []
+
+    store.record_progress(job.id, got.token, "train", 0, {"loss": 0.5})
+    assert store.record_progress(job.id, got.token + 1, "train", 1, {"loss": 9.0}) is False
+    assert store.get(job.id).epoch == 0
+    assert [m["epoch"] for m in store.metrics_history(job.id)] == [0]
+
+
+def test_metrics_history_keeps_the_latest_run_per_epoch_after_a_resume(store: JobStore) -> None:
+    job = submitted(store)
+    first = claim(store)
+    for epoch in range(3):
+        store.record_progress(job.id, first.token, "train", epoch, {"loss": 1.0 - epoch / 10})
+    store.give_back(first, "shutdown")
+    second = claim(store, "c2")
+    assert second.token > first.token
+    for epoch in (1, 2, 3):  # resumed from the epoch-0 checkpoint
+        store.record_progress(job.id, second.token, "train", epoch, {"loss": 0.5 - epoch / 10})
+
+    history = store.metrics_history(job.id)
+    assert [(m["epoch"], m["token"]) for m in history] == [
+        (0, first.token),
+        (1, second.token),
+        (2, second.token),
+        (3, second.token),
+    ]
+    assert history[0]["loss"] == pytest.approx(1.0)
+    assert history[2]["loss"] == pytest.approx(0.3)
+    assert store.get(job.id).epoch == 3
+
+
+def test_give_back_requeues_a_running_job_with_a_new_message(store: JobStore) -> None:
+    job = submitted(store)
+    got = claim(store)
+    back = store.give_back(got, "dispatcher shutting down")
+    assert back.state is JobState.QUEUED
+    assert back.warnings == ["dispatcher shutting down"]
+    assert back.finished_at is None
+    assert lease(store, job.id) is None
+    assert pending(store) == 0
+    messages = queue_messages(store)
+    assert len(messages) == 2 and messages[-1][1] == {"job_id": job.id}
+
+    again = claim(store, "c2")
+    assert again.job.id == job.id
+    assert again.message_id == messages[-1][0] != got.message_id
+    assert again.token > got.token
+    assert again.job.state is JobState.RUNNING and again.job.attempts == 2
+    assert again.job.started_at == got.job.started_at
+
+
+def test_give_back_of_a_cancel_requested_job_cancels_it_on_the_next_claim(
+    store: JobStore,
+) -> None:
+    job = submitted(store)
+    got = claim(store)
+    store.request_cancel(job.id)
+    store.give_back(got, "shutdown")
+    assert store.claim("c2", LONG_LEASE_S, block_ms=BLOCK_MS) is None
+    assert store.get(job.id).state is JobState.CANCELLED
+    assert pending(store) == 0

@@ -1,0 +1,183 @@
+"""Jobs through HTTP, the Redis queue and a real local Ray: success, DDP, cancel, two runners."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from fastapi.testclient import TestClient
+
+from shared.settings import Settings
+from shared.storage import Storage
+from shared.store import JobStore
+from tests.specs import digits_spec
+from workers.dispatcher import Dispatcher
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+LOAD_ENCODER = """
+import sys, torch
+encoder = torch.jit.load(sys.argv[1])
+codes = encoder(torch.rand(7, 64) * 16)
+leaked = sorted(m for m in sys.modules if m.split('.')[0] in {'shared', 'service', 'workers'})
+print(tuple(codes.shape), leaked)
+"""
+
+
+def make_dispatcher(
+    store: JobStore, storage: Storage, settings: Settings, ray_address: str, name: str = "d1"
+) -> Dispatcher:
+    return Dispatcher(
+        store, storage, settings.require_redis_url(), ray_address,
+        lease_ttl_s=10.0, dispatcher_id=name,
+    )  # fmt: skip
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.fixture
+def running_dispatchers(
+    store: JobStore, storage: Storage, settings: Settings, ray_address: str
+) -> Iterator[Callable[[int], list[Dispatcher]]]:
+    started: list[tuple[Dispatcher, threading.Thread]] = []
+
+    def start(count: int) -> list[Dispatcher]:
+        for i in range(count):
+            dispatcher = make_dispatcher(store, storage, settings, ray_address, f"d{i}")
+            thread = threading.Thread(target=dispatcher.run_forever, daemon=True)
+            thread.start()
+            started.append((dispatcher, thread))
+        return [d for d, _ in started]
+
+    yield start
+    for dispatcher, _ in started:
+        dispatcher.stop()
+    for _, thread in started:
+        thread.join(timeout=60)
+
+
+def train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
+
+
+def check_finished_job(client: TestClient, job_id: str, epochs: int, tmp_path: Path) -> float:
+    """Assert everything a finished job must show; returns its validation MSE."""
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "succeeded", job["error"]
+    assert job["epoch"] == epochs - 1 and job["attempts"] == 1
+    assert job["stages"][0]["state"] == "succeeded"
+    result = client.get(f"/v1/jobs/{job_id}/result").json()
+    metrics = result["metrics"]
+    # A digits autoencoder with a 16-d code after a few epochs: far below the data's variance
+    # (~0.1 after minmax) and within reach of PCA at the same size.
+    assert 0 < metrics["val_mse"] < 0.05
+    assert metrics["mse_ratio_vs_pca"] < 3
+    assert set(result["artifacts"]) >= {"encoder.pt", "encoder.safetensors", "model.json",
+                                        "metrics.jsonl", "result.json"}  # fmt: skip
+
+    lines = client.get(f"/v1/jobs/{job_id}/artifacts/metrics.jsonl").text.splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(epochs))
+    stored = json.loads(client.get(f"/v1/jobs/{job_id}/artifacts/result.json").text)
+    assert stored["metrics"]["val_mse"] == pytest.approx(metrics["val_mse"])
+
+    encoder_file = tmp_path / f"{job_id}.pt"
+    encoder_file.write_bytes(client.get(f"/v1/jobs/{job_id}/encoder").content)
+    # A clean interpreter in another folder: torch only, aetrain never imported.
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOAD_ENCODER, str(encoder_file)],
+        capture_output=True, text=True, cwd=tmp_path, check=True,
+    )  # fmt: skip
+    assert loaded.stdout.strip() == "(7, 16) []"
+    weights = client.get(f"/v1/jobs/{job_id}/encoder", params={"format": "safetensors"})
+    assert weights.status_code == 200 and len(weights.content) > 64 * 128 * 4
+    return float(metrics["val_mse"])
+
+
+def test_spec_goes_through_http_to_a_loadable_encoder_on_one_and_two_ranks(
+    client: TestClient,
+    store: JobStore,
+    storage: Storage,
+    settings: Settings,
+    ray_address: str,
+    tmp_path: Path,
+) -> None:
+    epochs = 12
+    val_mse = {}
+    for workers in (1, 2):
+        spec = digits_spec(epochs=epochs, workers=workers)
+        job_id = client.post("/v1/jobs", json=spec).json()["id"]
+        make_dispatcher(store, storage, settings, ray_address).run_once(block_ms=2000)
+        val_mse[workers] = check_finished_job(client, job_id, epochs, tmp_path)
+    # 2-rank DDP (gloo): same global batch and data, only the sampling order differs.
+    assert val_mse[2] == pytest.approx(val_mse[1], rel=0.3), val_mse
+
+
+def test_cancel_of_a_running_job_stops_its_ray_workers(
+    client: TestClient,
+    running_dispatchers: Callable[[int], list[Dispatcher]],
+) -> None:
+    job_id = client.post("/v1/jobs", json=digits_spec(epochs=5000)).json()["id"]
+    running_dispatchers(1)
+
+    def training() -> dict[str, Any] | None:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["state"] == "running" and (job["epoch"] or 0) >= 2 else None
+
+    live = wait_for(training, 120, "the job to train a few epochs")
+    assert live["metrics"]["val_mse"] > 0  # per-epoch metrics reach the record while it runs
+    assert train_worker_pids(), "a RayTrainWorker process should be running"
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["cancel_requested"] is True
+    cancelled_at = time.monotonic()
+
+    def cancelled() -> bool:
+        return bool(client.get(f"/v1/jobs/{job_id}").json()["state"] == "cancelled")
+
+    wait_for(cancelled, 10, "the job to become cancelled")
+    wait_for(lambda: not train_worker_pids(), 10, "Ray train workers to exit")
+    wait_for(
+        lambda: ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"],
+        10, "the job's CPUs to be free again",
+    )  # fmt: skip
+    assert time.monotonic() - cancelled_at < 10
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["error"] == "cancelled by request"
+    assert job["stages"][0]["state"] == "cancelled"
+
+
+def test_two_dispatchers_run_each_of_six_jobs_exactly_once(
+    client: TestClient,
+    store: JobStore,
+    storage: Storage,
+    running_dispatchers: Callable[[int], list[Dispatcher]],
+) -> None:
+    ids = [client.post("/v1/jobs", json=digits_spec(epochs=2)).json()["id"] for _ in range(6)]
+    running_dispatchers(2)
+
+    def all_finished() -> list[dict[str, Any]] | None:
+        jobs = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+        return jobs if all(j["state"] in {"succeeded", "failed"} for j in jobs) else None
+
+    jobs = wait_for(all_finished, 200, "six jobs to finish")
+    assert [j["state"] for j in jobs] == ["succeeded"] * 6, [j["error"] for j in jobs]
+    for job in jobs:
+        assert job["attempts"] == 1
+        tokens = {m["token"] for m in store.metrics_history(job["id"])}
+        assert len(tokens) == 1, tokens  # every epoch came from one run
+        attempts = sorted(p.name for p in (storage.root / "jobs" / job["id"]).glob("attempt-*"))
+        assert len(attempts) == 1
+    assert store.redis.xpending(store.queue_key, "dispatchers")["pending"] == 0
