@@ -16,6 +16,7 @@ from shared.errors import (
     ResultNotReady,
     TrainServiceError,
 )
+from shared.specs import UNION_TAGS
 
 STATUS: dict[type[TrainServiceError], int] = {
     JobNotFound: 404,
@@ -28,8 +29,8 @@ STATUS: dict[type[TrainServiceError], int] = {
 # Checks across fields (shared/specs.py) start their message with the field they blame.
 _NAMED_FIELD = re.compile(r"^Value error, ([a-z_]+(?:\.[a-z_]+)*): ")
 
-# Tags of the JobSpec union; pydantic puts the tag into an error's location.
-_KINDS = {"autoencoder", "stacked", "semisupervised"}
+# pydantic puts the tag of a discriminated union member into an error's location.
+_TAG_FIELDS = {"'kind'": "kind", "_arch()": "arch", "'type'": "type"}
 
 
 def field_errors(errors: Any) -> list[dict[str, Any]]:
@@ -41,10 +42,11 @@ def field_errors(errors: Any) -> list[dict[str, Any]]:
             where, path = loc[0], loc[1:]
         else:
             where, path = "body", loc
-        if where == "body" and path and path[0] in _KINDS:
-            path = path[1:]
+        if where == "body":
+            path = [part for part in path if part not in UNION_TAGS]
         if error.get("type") in {"union_tag_invalid", "union_tag_not_found"}:
-            path = [*path, "kind"]
+            discriminator = str(error.get("ctx", {}).get("discriminator", "'kind'"))
+            path = [*path, _TAG_FIELDS.get(discriminator, "kind")]
         elif named := _NAMED_FIELD.match(error.get("msg", "")):
             path = [*path, *named.group(1).split(".")]  # a check across fields names its field
         out.append(

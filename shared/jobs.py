@@ -112,6 +112,7 @@ class JobRecord(BaseModel):
             tenant=tenant,
             spec=spec,
             stages=[StageRecord(name=name) for name in stage_names(spec)],
+            warnings=spec.warnings(),
         )
 
     def with_stage(self, name: str, to: StageState) -> "JobRecord":

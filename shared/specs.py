@@ -4,12 +4,28 @@ A spec is frozen and forbids unknown keys, so a typo is a 422 that names the fie
 `JobSpec` is a union discriminated by `kind`; `stacked` and `semisupervised` join it later.
 """
 
+import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
-# Input sizes of the built-in datasets: the spec checks shapes and sizes before anything is queued.
-BUILTIN_DATASETS: dict[str, int] = {"digits": 64, "swiss_roll": 3, "s_curve": 3}
+# Input shapes of the built-in datasets (channels, height, width for images): the spec checks
+# shapes and sizes before anything is queued.
+BUILTIN_DATASETS: dict[str, tuple[int, ...]] = {
+    "digits": (1, 8, 8),
+    "mnist5k": (1, 28, 28),
+    "swiss_roll": (3,),
+    "s_curve": (3,),
+}
 MAX_PARAMETERS = 50_000_000
 
 Activation = Literal["relu", "sigmoid", "tanh", "gelu", "linear"]
@@ -38,8 +54,12 @@ class DataSpec(FrozenSpec):
         return name
 
     @property
-    def input_dim(self) -> int:
+    def input_shape(self) -> tuple[int, ...]:
         return BUILTIN_DATASETS[self.dataset]
+
+    @property
+    def input_dim(self) -> int:
+        return math.prod(self.input_shape)
 
 
 class DenseModelSpec(FrozenSpec):
@@ -59,8 +79,120 @@ class DenseModelSpec(FrozenSpec):
         return biases + weights * (1 if self.tied else 2)
 
 
+class ConvModelSpec(FrozenSpec):
+    arch: Literal["conv"]
+    channels: tuple[Annotated[int, Field(ge=1, le=1024)], ...] = Field(
+        default=(16, 32), min_length=1, max_length=6
+    )
+    kernel_size: int = Field(default=3, ge=1, le=11)
+    stride: int = Field(default=2, ge=1, le=4)
+    latent_dim: Width
+    activation: Activation = "relu"
+    code_activation: Activation = "linear"
+
+    @property
+    def padding(self) -> int:
+        return self.kernel_size // 2
+
+    def feature_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """(C, H, W) after each conv layer, input first; ValueError if a shape cannot work.
+
+        With padding k // 2 every size n >= 1 maps to an n2 >= 1 from which a transposed
+        convolution gets back to n with an output padding in [0, stride): the decoder can
+        always mirror the encoder exactly (models.ConvAutoencoder computes that padding).
+        """
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"model.arch: conv needs image-shaped data (C, H, W); this dataset is {input_shape}"
+            )
+        shapes = [(input_shape[0], input_shape[1], input_shape[2])]
+        for channels in self.channels:
+            _, h, w = shapes[-1]
+            h2, w2 = (conv_out(n, self.kernel_size, self.stride, self.padding) for n in (h, w))
+            shapes.append((channels, h2, w2))
+        return shapes
+
+    def parameter_count(self, input_shape: tuple[int, ...]) -> int:
+        shapes = self.feature_shapes(input_shape)
+        k2 = self.kernel_size**2
+        # per layer: a conv (c_in*c_out*k^2 weights, c_out biases) and its mirror (c_in biases)
+        convs = sum(
+            2 * a[0] * b[0] * k2 + b[0] + a[0] for a, b in zip(shapes, shapes[1:], strict=False)
+        )
+        flat = math.prod(shapes[-1])
+        return convs + 2 * flat * self.latent_dim + flat + self.latent_dim
+
+
+def conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+def transposed_out(n: int, kernel: int, stride: int, padding: int) -> int:
+    """Size out of a ConvTranspose2d without output padding."""
+    return (n - 1) * stride - 2 * padding + kernel
+
+
+def _arch(model: object) -> str:
+    """The `arch` tag of a model spec; dense when left out."""
+    if isinstance(model, dict):
+        return str(model.get("arch", "dense"))
+    return str(getattr(model, "arch", "dense"))
+
+
+ModelSpec = Annotated[
+    Annotated[DenseModelSpec, Tag("dense")] | Annotated[ConvModelSpec, Tag("conv")],
+    Discriminator(_arch),
+]
+
+
+class KLSparsitySpec(FrozenSpec):
+    type: Literal["kl"]
+    target: float = Field(default=0.05, gt=0.0, lt=1.0, description="rho")
+    weight: float = Field(default=1.0, ge=0.0, le=100.0, description="beta")
+
+
+class L1SparsitySpec(FrozenSpec):
+    type: Literal["l1"]
+    weight: float = Field(default=1e-3, ge=0.0, le=100.0)
+
+
+class GaussianNoiseSpec(FrozenSpec):
+    type: Literal["gaussian"]
+    std: float = Field(default=0.2, gt=0.0, le=10.0)
+
+
+class MaskingNoiseSpec(FrozenSpec):
+    type: Literal["masking"]
+    fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+
+
+class SaltPepperNoiseSpec(FrozenSpec):
+    type: Literal["salt_pepper"]
+    fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+
+
+class ContractiveSpec(FrozenSpec):
+    weight: float = Field(default=0.1, gt=0.0, le=100.0, description="lambda")
+    projections: int = Field(
+        default=1, ge=1, le=64, description="random projections of the estimator (deep encoders)"
+    )
+
+
+SparsitySpec = Annotated[KLSparsitySpec | L1SparsitySpec, Field(discriminator="type")]
+DenoisingSpec = Annotated[
+    GaussianNoiseSpec | MaskingNoiseSpec | SaltPepperNoiseSpec, Field(discriminator="type")
+]
+
+
 class ObjectiveSpec(FrozenSpec):
     loss: Literal["mse", "bce"] = "mse"
+    sparsity: SparsitySpec | None = None
+    denoising: DenoisingSpec | None = None
+    contractive: ContractiveSpec | None = None
+
+    @property
+    def is_regularized(self) -> bool:
+        return any((self.sparsity, self.denoising, self.contractive))
 
 
 class TrainingSpec(FrozenSpec):
@@ -93,21 +225,46 @@ class JobSpecBase(FrozenSpec):
 class AutoencoderSpec(JobSpecBase):
     kind: Literal["autoencoder"]
     data: DataSpec
-    model: DenseModelSpec
+    model: ModelSpec
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
 
     @model_validator(mode="after")
     def _fits_limits(self) -> "AutoencoderSpec":
-        count = self.model.parameter_count(self.data.input_dim)
+        if isinstance(self.model, ConvModelSpec):
+            count = self.model.parameter_count(self.data.input_shape)
+        else:
+            count = self.model.parameter_count(self.data.input_dim)
         if count > MAX_PARAMETERS:
             raise ValueError(f"model: {count:,} parameters exceed the limit of {MAX_PARAMETERS:,}")
         if self.objective.loss == "bce" and self.data.normalize != "minmax":
             raise ValueError(
                 "objective.loss: bce needs inputs in [0, 1]; set data.normalize to minmax"
             )
+        sparsity = self.objective.sparsity
+        if isinstance(sparsity, KLSparsitySpec) and self.model.code_activation != "sigmoid":
+            raise ValueError(
+                "objective.sparsity: kl compares mean activations with a target in (0, 1); "
+                "set model.code_activation to sigmoid"
+            )
         return self
 
+    def warnings(self) -> list[str]:
+        """What is allowed but probably not what the user wants."""
+        notes = []
+        if self.model.latent_dim > self.data.input_dim and not self.objective.is_regularized:
+            notes.append(
+                f"overcomplete: latent_dim {self.model.latent_dim} > input size "
+                f"{self.data.input_dim} with no sparsity, denoising or contractive term; "
+                "the model can learn the identity"
+            )
+        return notes
+
+
+# Tags of every discriminated union in a spec: they appear in validation error locations.
+UNION_TAGS = frozenset(
+    {"autoencoder", "dense", "conv", "kl", "l1", "gaussian", "masking", "salt_pepper"}
+)
 
 # A one-member union for now; `Field(discriminator="kind")` is what makes an unknown kind a
 # clear error about `kind` rather than a list of every member's failures.

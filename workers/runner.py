@@ -15,6 +15,7 @@ from typing import Any
 
 from shared.errors import LeaseLost, TrainingFailed
 from shared.store import Claim, JobStore
+from workers.lease import LeaseKeeper
 
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.2
@@ -57,7 +58,7 @@ def _die_with_parent() -> None:
 def run_stage(
     store: JobStore,
     run: StageRun,
-    lease_ttl_s: float,
+    lease: LeaseKeeper,
     should_stop: Callable[[], bool],
 ) -> dict[str, Any]:
     """Run the stage to its end; returns the child's outcome or raises.
@@ -71,7 +72,8 @@ def run_stage(
     config_path = workdir / f"{run.stage}-attempt-{token}.json"
     outcome_path = workdir / f"{run.stage}-attempt-{token}.outcome.json"
     outcome_path.unlink(missing_ok=True)
-    config_path.write_text(json.dumps({**run.config, "outcome_path": str(outcome_path)}))
+    config = {**run.config, "outcome_path": str(outcome_path), "spawned_at": time.time()}
+    config_path.write_text(json.dumps(config))
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     with open(run.log_path, "ab") as log:
         child = subprocess.Popen(
@@ -82,16 +84,13 @@ def run_stage(
             env=env,
             preexec_fn=_die_with_parent,
         )
-    heartbeat_every = lease_ttl_s / 5
-    last_beat = last_cancel_check = time.monotonic()
+    last_cancel_check = time.monotonic()
     try:
         while child.poll() is None:
             time.sleep(_POLL_S)
+            if lease.lost.is_set():
+                raise LeaseLost(job_id, token)
             now = time.monotonic()
-            if now - last_beat >= heartbeat_every:
-                if not store.heartbeat(job_id, token, lease_ttl_s):
-                    raise LeaseLost(job_id, token)
-                last_beat = now
             if now - last_cancel_check >= _CANCEL_CHECK_S:
                 if store.get(job_id).cancel_requested:
                     raise Stopped(StopReason.CANCELLED)

@@ -12,23 +12,53 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from shared.errors import LeaseLost
-from shared.specs import parse_job_spec
+from shared.specs import ObjectiveSpec, parse_job_spec
 from shared.store import JobStore, connect
-from workers.checkpoints import restore, save_checkpoint
+from workers.checkpoints import restore, save_checkpoint, unwrap
 from workers.data import build_datasets
 from workers.losses import reconstruction_loss
-from workers.models import Autoencoder, output_activation
+from workers.models import DenseAutoencoder, build_model
+from workers.objectives import (
+    contractive_closed_form,
+    contractive_estimate,
+    corrupt,
+    sparsity_penalty,
+)
+
+
+def compute_loss(model: nn.Module, xb: torch.Tensor, objective: ObjectiveSpec) -> torch.Tensor:
+    """Reconstruction of the clean input from a (maybe corrupted) one, plus regularizers."""
+    raw = unwrap(model)
+    x_in = corrupt(xb, objective.denoising) if objective.denoising else xb
+    x_hat, h = model(x_in)  # through the DDP wrapper, so gradients are all-reduced
+    loss = reconstruction_loss(x_hat, xb, objective.loss)
+    if objective.sparsity:
+        loss = loss + sparsity_penalty(h, objective.sparsity)
+    if objective.contractive:
+        term = objective.contractive
+        linear = raw.first_layer_if_single_sigmoid() if isinstance(raw, DenseAutoencoder) else None
+        if linear is not None:
+            penalty = contractive_closed_form(h, linear.weight)
+        else:
+            penalty = contractive_estimate(raw.encoder, x_in, term.projections)
+        loss = loss + term.weight * penalty
+    return loss
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, loss: str, batch_size: int = 4096) -> float:
-    """Mean reconstruction loss of `model` on x."""
+def evaluate(model: nn.Module, x: torch.Tensor, objective: ObjectiveSpec) -> dict[str, float]:
+    """Validation reconstruction error; with denoising also from corrupted inputs (seeded)."""
     model.eval()
-    total = 0.0
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size]
-        total += reconstruction_loss(model(xb), xb, loss).item() * len(xb)
-    return total / max(len(x), 1)
+    raw = unwrap(model)
+    x_hat, _ = raw(x)
+    metrics = {"val_mse": float(torch.mean((x_hat - x) ** 2))}
+    if objective.loss == "bce":
+        metrics["val_bce"] = float(reconstruction_loss(x_hat, x, "bce"))
+    if objective.denoising:
+        generator = torch.Generator(device=x.device).manual_seed(0)
+        x_noisy_hat, _ = raw(corrupt(x, objective.denoising, generator))
+        metrics["val_mse_corrupted"] = float(torch.mean((x_noisy_hat - x) ** 2))
+    return metrics
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> Any:
@@ -57,7 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     x_val = torch.from_numpy(split.x_val).to(device)
 
     torch.manual_seed(training.seed)  # the same initial weights on every rank
-    model = Autoencoder(spec.model, split.input_dim, output_activation(spec.objective.loss))
+    model = build_model(spec.model, spec.data.input_shape, spec.objective.loss)
     model = ray.train.torch.prepare_model(model)  # [ray] move to device, DDP when world > 1
     optimizer = make_optimizer(model, training.optimizer, training.lr, training.weight_decay)
 
@@ -76,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum, batches = torch.zeros(2, device=device), 0
         for (xb,) in train_loader:
             xb = xb.to(device)
-            loss = reconstruction_loss(model(xb), xb, spec.objective.loss)
+            loss = compute_loss(model, xb, spec.objective)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -92,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seconds = time.perf_counter() - started
             metrics = {
                 "train_loss": float(loss_sum[0] / loss_sum[1]),
-                f"val_{spec.objective.loss}": evaluate(model, x_val, spec.objective.loss),
+                **evaluate(model, x_val, spec.objective),
                 "epoch_seconds": seconds,
                 "samples_per_s": len(train_set) / seconds,
             }

@@ -3,8 +3,8 @@
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response, status
-from fastapi.responses import FileResponse
-from pydantic import BaseModel
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.deps import StorageDep, StoreDep, TenantDep
 from shared.errors import ResultNotReady
@@ -74,6 +74,50 @@ def get_result(job_id: str, store: StoreDep, tenant: TenantDep) -> JobResult:
         raise ResultNotReady(job.id, job.state, job.error)
     return JobResult(
         job_id=job.id, metrics=job.result["metrics"], artifacts=job.result["artifacts"]
+    )
+
+
+class InterpolationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    a: int = Field(ge=0, description="index of a validation sample")
+    b: int = Field(ge=0, description="index of another validation sample")
+    steps: int = Field(default=8, ge=2, le=64)
+
+
+class Interpolation(BaseModel):
+    a: int
+    b: int
+    codes: list[list[float]]
+    outputs: list[list[float]]
+    input_shape: list[int]
+
+
+@router.post("/{job_id}/interpolate", response_model=None)
+def interpolate_codes(
+    job_id: str,
+    request: InterpolationRequest,
+    store: StoreDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+    format: Literal["json", "png"] = "json",
+) -> Interpolation | Response:
+    """Decode `steps` points on the line between the codes of validation samples a and b."""
+    from workers.interpolation import CodeRangeError, interpolate, png_strip
+
+    job = store.get(job_id, tenant)
+    folder = storage.artifact_path(job, "val_codes.npy").parent
+    try:
+        codes, outputs = interpolate(folder, request.a, request.b, request.steps)
+    except CodeRangeError as exc:
+        detail = [{"field": exc.field, "loc": ["body", exc.field], "msg": str(exc),
+                   "type": "value_error"}]  # fmt: skip
+        return JSONResponse({"detail": detail}, status_code=422)
+    shape = list(job.spec.data.input_shape)
+    if format == "png":
+        return Response(png_strip(outputs, tuple(shape)), media_type="image/png")
+    return Interpolation(
+        a=request.a, b=request.b, codes=codes.tolist(), outputs=outputs.tolist(), input_shape=shape
     )
 
 

@@ -1,8 +1,10 @@
 """The HTTP contract on a real Redis: 201 / 200 / 404 / 409 / 422 / 503, nothing queued on 422."""
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -52,6 +54,19 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         (_with("model.hidden", [128, 0]), "model.hidden.1"),
         (_with("training.epochz", 3), "training.epochz"),
         (_with("model.hidden", [8192, 8192]), "model"),
+        (_with("model.arch", "rnn"), "model.arch"),
+        (_with("objective.sparsity", {"type": "kl", "target": 0.05}), "objective.sparsity"),
+        (_with("objective.sparsity", {"type": "kl", "target": 1.5}), "objective.sparsity.target"),
+        (_with("objective.denoising", {"type": "blur"}), "objective.denoising.type"),
+        (
+            _with("objective.denoising", {"type": "masking", "fraction": 1.0}),
+            "objective.denoising.fraction",
+        ),
+        (_with("objective.contractive", {"weight": -1}), "objective.contractive.weight"),
+        (
+            _with("model", {"arch": "conv", "latent_dim": 2}) | {"data": {"dataset": "swiss_roll"}},
+            "model.arch",
+        ),
         (
             _with("objective.loss", "bce")
             | {"data": {"dataset": "digits", "normalize": "standard"}},
@@ -68,6 +83,25 @@ def test_bad_spec_is_422_naming_the_field_and_nothing_is_queued(
     assert field in fields, fields
     assert queued_messages(store) == 0
     assert client.get("/v1/jobs").json()["items"] == []
+
+
+def test_overcomplete_without_a_regularizer_is_accepted_with_a_warning(client: TestClient) -> None:
+    plain = client.post("/v1/jobs", json=_with("model.latent_dim", 128))
+    assert plain.status_code == 201
+    assert any("overcomplete" in w for w in plain.json()["warnings"])
+    sparse = _with("model.latent_dim", 128)
+    sparse["model"]["code_activation"] = "sigmoid"
+    sparse["objective"]["sparsity"] = {"type": "kl", "target": 0.05, "weight": 0.5}
+    regularized = client.post("/v1/jobs", json=sparse)
+    assert regularized.status_code == 201 and regularized.json()["warnings"] == []
+
+
+def test_every_example_spec_is_accepted(client: TestClient) -> None:
+    examples = sorted(Path(__file__).resolve().parents[2].glob("examples/*.yaml"))
+    assert len(examples) >= 10
+    for path in examples:
+        response = client.post("/v1/jobs", json=yaml.safe_load(path.read_text()))
+        assert response.status_code == 201, (path.name, response.json())
 
 
 def test_spec_without_kind_names_kind(client: TestClient) -> None:
