@@ -9,7 +9,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import InvalidTransition
-from shared.specs import AutoencoderSpec
+from shared.specs import AnyJobSpec, JobSpec
+from shared.stages import plan_stages
 
 
 class JobState(StrEnum):
@@ -77,6 +78,9 @@ class StageRecord(BaseModel):
     finished_at: datetime | None = None
     epoch: int | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    needs: list[str] = Field(default_factory=list, description="stages that must finish first")
+    checkpoint: str | None = Field(default=None, description="the stage's final checkpoint")
+    result: dict[str, float] = Field(default_factory=dict, description="final metrics")
 
 
 class JobRecord(BaseModel):
@@ -102,21 +106,29 @@ class JobRecord(BaseModel):
     result: dict[str, Any] | None = Field(
         default=None, description="final metrics, artifact names and their folder"
     )
-    spec: AutoencoderSpec
+    spec: JobSpec
 
     @classmethod
-    def for_spec(cls, spec: AutoencoderSpec, tenant: str = "default") -> "JobRecord":
+    def for_spec(cls, spec: AnyJobSpec, tenant: str = "default") -> "JobRecord":
         return cls(
             kind=spec.kind,
             name=spec.name,
             tenant=tenant,
             spec=spec,
-            stages=[StageRecord(name=name) for name in stage_names(spec)],
+            stages=[
+                StageRecord(name=stage.name, needs=list(stage.needs)) for stage in plan_stages(spec)
+            ],
             warnings=spec.warnings(),
         )
 
-    def with_stage(self, name: str, to: StageState) -> "JobRecord":
-        """The record with stage `name` moved to state `to`."""
+    def stage(self, name: str) -> StageRecord:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ValueError(f"job {self.id} has no stage {name!r}")
+
+    def with_stage(self, name: str, to: StageState, **changes: Any) -> "JobRecord":
+        """The record with stage `name` moved to state `to` (and `changes` applied to it)."""
         if name not in {stage.name for stage in self.stages}:
             raise ValueError(f"job {self.id} has no stage {name!r}")
         stages = []
@@ -130,15 +142,11 @@ class JobRecord(BaseModel):
                         "state": to,
                         "started_at": now if to is StageState.RUNNING else stage.started_at,
                         "finished_at": now if not STAGE_TRANSITIONS[to] else None,
+                        **changes,
                     }
                 )
             stages.append(stage)
         return self.model_copy(update={"stages": stages})
-
-
-def stage_names(spec: AutoencoderSpec) -> list[str]:
-    """The stages a spec is planned into; an autoencoder job is one training stage."""
-    return ["train"]
 
 
 def advance(job: JobRecord, to: JobState, **changes: Any) -> JobRecord:

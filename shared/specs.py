@@ -20,6 +20,7 @@ from pydantic import (
 
 # Input shapes of the built-in datasets (channels, height, width for images): the spec checks
 # shapes and sizes before anything is queued.
+LABELED_DATASETS = frozenset({"digits", "mnist5k"})
 BUILTIN_DATASETS: dict[str, tuple[int, ...]] = {
     "digits": (1, 8, 8),
     "mnist5k": (1, 28, 28),
@@ -231,47 +232,171 @@ class AutoencoderSpec(JobSpecBase):
 
     @model_validator(mode="after")
     def _fits_limits(self) -> "AutoencoderSpec":
-        if isinstance(self.model, ConvModelSpec):
-            count = self.model.parameter_count(self.data.input_shape)
-        else:
-            count = self.model.parameter_count(self.data.input_dim)
-        if count > MAX_PARAMETERS:
-            raise ValueError(f"model: {count:,} parameters exceed the limit of {MAX_PARAMETERS:,}")
-        if self.objective.loss == "bce" and self.data.normalize != "minmax":
-            raise ValueError(
-                "objective.loss: bce needs inputs in [0, 1]; set data.normalize to minmax"
-            )
-        sparsity = self.objective.sparsity
-        if isinstance(sparsity, KLSparsitySpec) and self.model.code_activation != "sigmoid":
-            raise ValueError(
-                "objective.sparsity: kl compares mean activations with a target in (0, 1); "
-                "set model.code_activation to sigmoid"
-            )
+        check_autoencoder(self.model, self.objective, self.data)
         return self
 
     def warnings(self) -> list[str]:
         """What is allowed but probably not what the user wants."""
-        notes = []
-        if self.model.latent_dim > self.data.input_dim and not self.objective.is_regularized:
-            notes.append(
-                f"overcomplete: latent_dim {self.model.latent_dim} > input size "
-                f"{self.data.input_dim} with no sparsity, denoising or contractive term; "
-                "the model can learn the identity"
+        return autoencoder_warnings(self.model, self.objective, self.data)
+
+
+def check_autoencoder(model: "DenseModelSpec | ConvModelSpec", objective: ObjectiveSpec,
+                      data: DataSpec, where: str = "") -> None:  # fmt: skip
+    """Checks across fields of one autoencoder; `where` prefixes the blamed field."""
+    if isinstance(model, ConvModelSpec):
+        count = model.parameter_count(data.input_shape)
+    else:
+        count = model.parameter_count(data.input_dim)
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"{where}model: {count:,} parameters exceed the limit of {MAX_PARAMETERS:,}"
+        )
+    if objective.loss == "bce" and data.normalize != "minmax":
+        raise ValueError(
+            f"{where}objective.loss: bce needs inputs in [0, 1]; set data.normalize to minmax"
+        )
+    if isinstance(objective.sparsity, KLSparsitySpec) and model.code_activation != "sigmoid":
+        raise ValueError(
+            f"{where}objective.sparsity: kl compares mean activations with a target in (0, 1); "
+            f"set {where}model.code_activation to sigmoid"
+        )
+
+
+def autoencoder_warnings(model: "DenseModelSpec | ConvModelSpec", objective: ObjectiveSpec,
+                         data: DataSpec, where: str = "") -> list[str]:  # fmt: skip
+    if model.latent_dim > data.input_dim and not objective.is_regularized:
+        return [
+            f"{where}overcomplete: latent_dim {model.latent_dim} > input size "
+            f"{data.input_dim} with no sparsity, denoising or contractive term; "
+            "the model can learn the identity"
+        ]
+    return []
+
+
+class LayerSpec(FrozenSpec):
+    """One layer of a stacked autoencoder, trained as a one-layer autoencoder of its input."""
+
+    units: Width
+    activation: Activation = "sigmoid"
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+
+    def as_model(self) -> DenseModelSpec:
+        return DenseModelSpec(latent_dim=self.units, code_activation=self.activation)
+
+
+class FinetuneSpec(FrozenSpec):
+    epochs: int = Field(default=20, ge=1, le=10_000)
+    lr: float | None = Field(default=None, gt=0.0, le=10.0, description="default: training.lr")
+
+
+def check_stack(layers: tuple[LayerSpec, ...], data: DataSpec, where: str = "") -> None:
+    """Checks of a stack: sizes, and what each layer's objective needs from its input."""
+    sizes = [data.input_dim, *(layer.units for layer in layers)]
+    count = sum(2 * a * b + a + b for a, b in zip(sizes, sizes[1:], strict=False))
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"{where}layers: {count:,} parameters exceed the limit of "
+                         f"{MAX_PARAMETERS:,}")  # fmt: skip
+    for i, layer in enumerate(layers):
+        field = f"{where}layers.{i}."
+        inputs_in_unit_range = (
+            data.normalize == "minmax" if i == 0 else layers[i - 1].activation == "sigmoid"
+        )
+        if layer.objective.loss == "bce" and not inputs_in_unit_range:
+            raise ValueError(f"{field}objective.loss: bce needs this layer's inputs in [0, 1]")
+        if isinstance(layer.objective.sparsity, KLSparsitySpec) and layer.activation != "sigmoid":
+            raise ValueError(f"{field}objective.sparsity: kl needs a sigmoid activation")
+
+
+class StackedSpec(JobSpecBase):
+    kind: Literal["stacked"]
+    data: DataSpec
+    layers: tuple[LayerSpec, ...] = Field(min_length=1, max_length=8)
+    finetune: FinetuneSpec | None = None
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    @model_validator(mode="after")
+    def _layers_fit(self) -> "StackedSpec":
+        check_stack(self.layers, self.data)
+        return self
+
+    def warnings(self) -> list[str]:
+        return []
+
+
+class HeadSpec(FrozenSpec):
+    hidden: tuple[Width, ...] = Field(default=(64,), max_length=4)
+    epochs: int = Field(default=100, ge=1, le=10_000)
+    lr: float = Field(default=3e-3, gt=0.0, le=10.0)
+    batch_size: int = Field(default=64, ge=1, le=65_536)
+
+
+class PretrainAutoencoderSpec(FrozenSpec):
+    """The autoencoder of a semisupervised job; its data is the job's."""
+
+    kind: Literal["autoencoder"]
+    model: ModelSpec
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: ResourcesSpec | None = None
+
+
+class PretrainStackedSpec(FrozenSpec):
+    kind: Literal["stacked"]
+    layers: tuple[LayerSpec, ...] = Field(min_length=1, max_length=8)
+    finetune: FinetuneSpec | None = None
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: ResourcesSpec | None = None
+
+
+PretrainSpec = Annotated[PretrainAutoencoderSpec | PretrainStackedSpec, Field(discriminator="kind")]
+
+
+class SemisupervisedSpec(JobSpecBase):
+    kind: Literal["semisupervised"]
+    data: DataSpec
+    labeled_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    labeled_count: int | None = Field(default=None, ge=1, le=1_000_000)
+    test_fraction: float = Field(default=0.2, gt=0.0, le=0.5)
+    pretrain: PretrainSpec
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    finetune_encoder: bool = False
+    baseline: bool = True
+
+    @model_validator(mode="after")
+    def _labels_and_pretrain(self) -> "SemisupervisedSpec":
+        if (self.labeled_fraction is None) == (self.labeled_count is None):
+            raise ValueError("labeled_fraction: give exactly one of labeled_fraction and "
+                             "labeled_count")  # fmt: skip
+        if self.data.dataset not in LABELED_DATASETS:
+            raise ValueError(f"data.dataset: {self.data.dataset} has no labels; semisupervised "
+                             f"needs one of {', '.join(sorted(LABELED_DATASETS))}")  # fmt: skip
+        if isinstance(self.pretrain, PretrainAutoencoderSpec):
+            check_autoencoder(self.pretrain.model, self.pretrain.objective, self.data, "pretrain.")
+        else:
+            check_stack(self.pretrain.layers, self.data, "pretrain.")
+        return self
+
+    def warnings(self) -> list[str]:
+        if isinstance(self.pretrain, PretrainAutoencoderSpec):
+            return autoencoder_warnings(
+                self.pretrain.model, self.pretrain.objective, self.data, "pretrain: "
             )
-        return notes
+        return []
 
 
 # Tags of every discriminated union in a spec: they appear in validation error locations.
 UNION_TAGS = frozenset(
-    {"autoencoder", "dense", "conv", "kl", "l1", "gaussian", "masking", "salt_pepper"}
-)
+    {"autoencoder", "stacked", "semisupervised", "dense", "conv", "kl", "l1", "gaussian",
+     "masking", "salt_pepper"}
+)  # fmt: skip
 
-# A one-member union for now; `Field(discriminator="kind")` is what makes an unknown kind a
-# clear error about `kind` rather than a list of every member's failures.
-JobSpec = Annotated[AutoencoderSpec, Field(discriminator="kind")]
-JOB_SPEC_ADAPTER: TypeAdapter[AutoencoderSpec] = TypeAdapter(JobSpec)
+# `Field(discriminator="kind")` makes an unknown kind a clear error about `kind` rather than a
+# list of every member's failures.
+AnyJobSpec = AutoencoderSpec | StackedSpec | SemisupervisedSpec
+JobSpec = Annotated[AnyJobSpec, Field(discriminator="kind")]
+JOB_SPEC_ADAPTER: TypeAdapter[AnyJobSpec] = TypeAdapter(JobSpec)
 
 
-def parse_job_spec(data: object) -> AutoencoderSpec:
+def parse_job_spec(data: object) -> AnyJobSpec:
     """Validate a decoded JSON/YAML document as a JobSpec."""
     return JOB_SPEC_ADAPTER.validate_python(data)

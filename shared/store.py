@@ -30,9 +30,12 @@ return 0
 """
 
 # KEYS: lease, progress, metrics stream. ARGV: token, stage, epoch, metrics json.
+# The progress hash has one field per stage ({"epoch", "metrics"}) and `_latest`, the stage
+# that reported last.
 _PROGRESS = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[2], 'stage', ARGV[2], 'epoch', ARGV[3], 'metrics', ARGV[4])
+local entry = '{"epoch": ' .. ARGV[3] .. ', "metrics": ' .. ARGV[4] .. '}'
+redis.call('HSET', KEYS[2], ARGV[2], entry, '_latest', ARGV[2])
 redis.call('XADD', KEYS[3], '*', 'stage', ARGV[2], 'epoch', ARGV[3], 'metrics', ARGV[4],
            'token', ARGV[1])
 return 1
@@ -157,13 +160,12 @@ class JobStore:
         progress = self.redis.hgetall(self._progress_key(job_id))
         if not progress:
             return job
-        stage_name, epoch = progress["stage"], int(progress["epoch"])
-        metrics = json.loads(progress["metrics"])
+        latest = progress.pop("_latest")
+        per_stage = {name: json.loads(entry) for name, entry in progress.items()}
         stages = [
-            s.model_copy(update={"epoch": epoch, "metrics": metrics}) if s.name == stage_name else s
-            for s in job.stages
+            s.model_copy(update=per_stage[s.name]) if s.name in per_stage else s for s in job.stages
         ]
-        return job.model_copy(update={"epoch": epoch, "metrics": metrics, "stages": stages})
+        return job.model_copy(update={**per_stage[latest], "stages": stages})
 
     def list_jobs(
         self,

@@ -1,4 +1,4 @@
-"""Final evaluation and the artifacts of a finished autoencoder job (see DESIGN.md)."""
+"""Final evaluation and the artifact files of a finished job (see DESIGN.md)."""
 
 import json
 import os
@@ -8,26 +8,14 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from shared.specs import AutoencoderSpec
-from workers.checkpoints import load_state
+from shared.specs import DenoisingSpec, ObjectiveSpec
 from workers.data import Split
 from workers.figures import save_latent, save_reconstructions
-from workers.models import Autoencoder, ExportedAutoencoder, NormalizedEncoder, build_model
-from workers.objectives import corrupt, jacobian_frobenius
-from workers.train_loop import evaluate
+from workers.models import Autoencoder, ExportedAutoencoder, NormalizedEncoder
+from workers.objectives import corrupt, evaluate_reconstruction, jacobian_frobenius
 
-ARTIFACTS = [
-    "encoder.pt",
-    "encoder.safetensors",
-    "model.json",
-    "metrics.jsonl",
-    "result.json",
-    "reconstructions.png",
-    "latent.png",
-    "autoencoder.pt",
-    "val_codes.npy",
-]
 SHOWN_SAMPLES = 10
 NEAR_ZERO = 0.05
 
@@ -41,20 +29,16 @@ def pca_val_mse(x_train: np.ndarray, x_val: np.ndarray, components: int) -> floa
     return float(np.mean((codes @ basis + mean - x_val) ** 2))
 
 
-def load_model(spec: AutoencoderSpec, checkpoint_folder: str) -> Autoencoder:
-    model = build_model(spec.model, spec.data.input_shape, spec.objective.loss)
-    model.load_state_dict(load_state(checkpoint_folder)["model"])
-    return model.eval()
-
-
-def final_metrics(model: Autoencoder, spec: AutoencoderSpec, split: Split) -> dict[str, float]:
-    """Validation metrics of the trained model next to PCA at the same code size."""
+def final_metrics(
+    model: Autoencoder, objective: ObjectiveSpec, latent_dim: int, split: Split
+) -> dict[str, float]:
+    """Validation metrics of a trained autoencoder next to PCA at the same code size."""
     x_val = torch.from_numpy(split.x_val)
-    metrics = evaluate(model, x_val, spec.objective)
+    metrics = evaluate_reconstruction(model, x_val, objective)
     with torch.no_grad():
         codes = model.encoder(x_val)
-    if spec.model.latent_dim < split.input_dim:
-        pca = pca_val_mse(split.x_train, split.x_val, spec.model.latent_dim)
+    if latent_dim < split.input_dim:
+        pca = pca_val_mse(split.x_train, split.x_val, latent_dim)
         metrics["pca_val_mse"] = pca
         metrics["mse_ratio_vs_pca"] = metrics["val_mse"] / pca if pca > 0 else float("inf")
     metrics["mean_activation"] = float(codes.mean())
@@ -63,64 +47,64 @@ def final_metrics(model: Autoencoder, spec: AutoencoderSpec, split: Split) -> di
     return metrics
 
 
-def write_artifacts(
-    folder: Path,
-    spec: AutoencoderSpec,
-    split: Split,
-    model: Autoencoder,
-    metrics: dict[str, Any],
-    history: list[dict[str, Any]],
-    job_id: str,
-) -> list[str]:
-    """Write every artifact into `folder`; returns their names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    norm = split.normalization
-    encoder = NormalizedEncoder(
-        model.encoder, torch.from_numpy(norm.shift), torch.from_numpy(norm.scale)
-    ).eval()
-    torch.jit.script(encoder).save(str(folder / "encoder.pt"))
-    shift, scale = torch.from_numpy(norm.shift), torch.from_numpy(norm.scale)
-    torch.jit.script(ExportedAutoencoder(model, shift, scale).eval()).save(
-        str(folder / "autoencoder.pt")
-    )
-    with torch.no_grad():
-        codes = model.encoder(torch.from_numpy(split.x_val)).numpy()
-    np.save(folder / "val_codes.npy", codes.astype(np.float32), allow_pickle=False)
-    tensors = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
-    save_file(tensors, str(folder / "encoder.safetensors"))
-    description = {
-        "arch": spec.model.arch,
-        "input_shape": list(spec.data.input_shape),
-        "latent_dim": spec.model.latent_dim,
-        "model": spec.model.model_dump(mode="json"),
-        "loss": spec.objective.loss,
-        "normalization": norm.to_json(),
-        "input": "raw features: encoder.pt and encoder.safetensors include the normalization",
-    }
-    _write_text(folder / "model.json", json.dumps(description, indent=2))
-    _write_text(folder / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
-    save_figures(folder, spec, split, model)
-    result = {"job_id": job_id, "metrics": metrics, "artifacts": ARTIFACTS}
-    _write_text(folder / "result.json", json.dumps(result, indent=2))
-    return list(ARTIFACTS)
+class ArtifactWriter:
+    """Writes a job's files into its attempt folder and remembers their names."""
 
+    def __init__(self, folder: Path, split: Split) -> None:
+        self.folder, self.split = folder, split
+        self.names: list[str] = []
+        folder.mkdir(parents=True, exist_ok=True)
+        norm = split.normalization
+        self.shift, self.scale = torch.from_numpy(norm.shift), torch.from_numpy(norm.scale)
 
-@torch.no_grad()
-def save_figures(folder: Path, spec: AutoencoderSpec, split: Split, model: Autoencoder) -> None:
-    x = torch.from_numpy(split.x_val[:SHOWN_SAMPLES])
-    rows = [("original", x.numpy())]
-    if spec.objective.denoising:
-        generator = torch.Generator().manual_seed(0)
-        noisy = corrupt(x, spec.objective.denoising, generator)
-        rows += [("corrupted", noisy.numpy()), ("from corrupted", model(noisy)[0].numpy())]
-    rows.append(("reconstructed", model(x)[0].numpy()))
-    save_reconstructions(folder / "reconstructions.png", rows, spec.data.input_shape)
-    codes = model.encoder(torch.from_numpy(split.x_val)).numpy()
-    save_latent(folder / "latent.png", codes, split.y_val)
+    def encoder(self, encoder: nn.Module) -> None:
+        """encoder.pt (TorchScript) and encoder.safetensors, normalization built in."""
+        exported = NormalizedEncoder(encoder, self.shift, self.scale).eval()
+        torch.jit.script(exported).save(str(self._path("encoder.pt")))
+        tensors = {k: v.detach().contiguous() for k, v in exported.state_dict().items()}
+        save_file(tensors, str(self._path("encoder.safetensors")))
 
+    def autoencoder(self, model: Autoencoder, denoising: DenoisingSpec | None,
+                    input_shape: tuple[int, ...]) -> None:  # fmt: skip
+        """The encoder files, autoencoder.pt, codes for interpolation and the pictures."""
+        self.encoder(model.encoder)
+        scripted = torch.jit.script(ExportedAutoencoder(model, self.shift, self.scale).eval())
+        scripted.save(str(self._path("autoencoder.pt")))
+        x_val = torch.from_numpy(self.split.x_val)
+        with torch.no_grad():
+            codes = model.encoder(x_val).numpy()
+            np.save(self._path("val_codes.npy"), codes.astype(np.float32), allow_pickle=False)
+            x = x_val[:SHOWN_SAMPLES]
+            rows = [("original", x.numpy())]
+            if denoising is not None:
+                noisy = corrupt(x, denoising, torch.Generator().manual_seed(0))
+                rows += [("corrupted", noisy.numpy()), ("from corrupted", model(noisy)[0].numpy())]
+            rows.append(("reconstructed", model(x)[0].numpy()))
+        save_reconstructions(self._path("reconstructions.png"), rows, input_shape)
+        save_latent(self._path("latent.png"), codes, self.split.y_val)
 
-def _write_text(path: Path, text: str) -> None:
-    # Write then rename, so a reader never sees half a file.
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    def module(self, name: str, module: nn.Module) -> None:
+        torch.jit.script(module.eval()).save(str(self._path(name)))
+
+    def json(self, name: str, value: Any) -> None:
+        self._text(name, json.dumps(value, indent=2))
+
+    def jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        self._text(name, "".join(json.dumps(row) + "\n" for row in rows))
+
+    def result(self, job_id: str, metrics: dict[str, Any]) -> list[str]:
+        """result.json, written last; returns every artifact name."""
+        self.names.append("result.json")
+        result = {"job_id": job_id, "metrics": metrics, "artifacts": self.names}
+        self._text("result.json", json.dumps(result, indent=2), register=False)
+        return list(self.names)
+
+    def _path(self, name: str) -> Path:
+        self.names.append(name)
+        return self.folder / name
+
+    def _text(self, name: str, text: str, register: bool = True) -> None:
+        path = self._path(name) if register else self.folder / name
+        tmp = path.with_suffix(path.suffix + ".tmp")  # a reader never sees half a file
+        tmp.write_text(text)
+        os.replace(tmp, path)

@@ -31,6 +31,8 @@ class Split:
     y_train: np.ndarray | None
     y_val: np.ndarray | None
     normalization: Normalization
+    x_test: np.ndarray | None = None  # a held-out split, never used for training or selection
+    y_test: np.ndarray | None = None
 
     @property
     def input_dim(self) -> int:
@@ -73,20 +75,49 @@ def fit_normalization(x: np.ndarray, method: str, per_feature: bool = True) -> N
     return Normalization(method, shift.astype(np.float32), scale.astype(np.float32))
 
 
-def build_datasets(data: DataSpec) -> Split:
-    """Seeded train/validation split, normalized with statistics of the training part only."""
+def build_datasets(data: DataSpec, test_fraction: float = 0.0) -> Split:
+    """Seeded (test,) train and validation splits, normalized with training statistics only.
+
+    The test split is carved first, so the train/validation split of the rest does not
+    depend on whether a test split exists.
+    """
     x, y = load_raw(data)
     index = np.arange(len(x))
-    stratify = y if y is not None else None
+    test_idx = None
+    if test_fraction > 0:
+        index, test_idx = train_test_split(
+            index, test_size=test_fraction, random_state=data.seed, stratify=y
+        )
+    stratify = y[index] if y is not None else None
     train_idx, val_idx = train_test_split(
         index, test_size=data.validation_fraction, random_state=data.seed, stratify=stratify
     )
     is_image = len(data.input_shape) == 3
     norm = fit_normalization(x[train_idx], data.normalize, per_feature=not is_image)
+    has_test = test_idx is not None
     return Split(
         x_train=norm.apply(x[train_idx]),
         x_val=norm.apply(x[val_idx]),
         y_train=None if y is None else y[train_idx],
         y_val=None if y is None else y[val_idx],
         normalization=norm,
+        x_test=norm.apply(x[test_idx]) if has_test else None,
+        y_test=y[test_idx] if has_test and y is not None else None,
     )
+
+
+def labeled_subset(
+    y: np.ndarray, fraction: float | None, count: int | None, seed: int
+) -> np.ndarray:
+    """Indices of a stratified, seeded subset of the training labels."""
+    size = count if count is not None else max(1, round((fraction or 0.0) * len(y)))
+    classes = len(np.unique(y))
+    if size >= len(y):
+        return np.arange(len(y))
+    if size < classes:
+        raise ValueError(
+            f"{size} labeled samples cannot cover the {classes} classes; "
+            f"ask for at least {classes} (labeled_count or labeled_fraction)"
+        )
+    chosen, _ = train_test_split(np.arange(len(y)), train_size=size, random_state=seed, stratify=y)
+    return np.sort(chosen)

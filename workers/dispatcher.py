@@ -12,17 +12,15 @@ from typing import Any
 import torch
 
 from shared.errors import LeaseLost
-from shared.jobs import JobRecord, JobState, StageState
+from shared.jobs import JobRecord, JobState
 from shared.storage import Storage
 from shared.store import Claim, JobStore
-from workers.artifacts import final_metrics, load_model, write_artifacts
-from workers.data import build_datasets
 from workers.lease import LeaseKeeper
-from workers.runner import StageRun, Stopped, StopReason, run_stage
+from workers.results import finalize
+from workers.runner import Stopped, StopReason
+from workers.stage_graph import StageFailed, StageGraph, Wiring
 
 log = logging.getLogger("aetrain.dispatcher")
-
-STAGE = "train"
 
 
 class Dispatcher:
@@ -120,16 +118,13 @@ class Dispatcher:
 
     def _execute(self, claim: Claim, lease: LeaseKeeper) -> JobRecord | None:
         job = claim.job
+        wiring = Wiring(self.store, self.storage, self.redis_url, self.ray_address)
+        graph = StageGraph(wiring, claim, lease, self.stopping)
         try:
-            if job.stages[0].state is StageState.PENDING:
-                self.store.update(
-                    job.id, claim.token, lambda j: j.with_stage(STAGE, StageState.RUNNING)
-                )
-            outcome = run_stage(self.store, self._stage_run(claim), lease, self.stopping.is_set)
-            finalize_started = time.monotonic()
-            result = self._finalize(claim, outcome)
-            seconds = {**outcome["seconds"], "finalize": time.monotonic() - finalize_started}
-            log.info("job %s: %s", job.id, ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+            checkpoints = graph.run()
+            started = time.monotonic()
+            result = self._finalize(claim, checkpoints, graph.seconds)
+            log.info("job %s: finalized in %.1f s", job.id, time.monotonic() - started)
         except LeaseLost:
             log.warning("job %s: lease lost; another runner owns it now", job.id)
             return None
@@ -137,46 +132,30 @@ class Dispatcher:
             if stopped.reason is StopReason.CANCELLED:
                 return self._finish(claim, JobState.CANCELLED, error="cancelled by request")
             return self._give_back(claim)
+        except StageFailed as exc:
+            log.warning("job %s failed: %s", job.id, exc)
+            return self._finish(claim, JobState.FAILED, error=str(exc))
         except Exception as exc:
             log.warning("job %s failed: %s", job.id, exc)
             return self._finish(claim, JobState.FAILED, error=f"{type(exc).__name__}: {exc}")
         return self._finish(claim, JobState.SUCCEEDED, result=result)
 
-    def _stage_run(self, claim: Claim) -> StageRun:
-        job = claim.job
-        config: dict[str, Any] = {
-            "spec": job.spec.model_dump(mode="json"),
-            "job_id": job.id,
-            "stage": STAGE,
-            "token": claim.token,
-            "redis_url": self.redis_url,
-            "key_prefix": self.store.prefix,
-            "ray_address": self.ray_address,
-            "runs_root": str(self.storage.runs_root),
-            "run_name": self.storage.run_name(job.id, STAGE),
+    def _finalize(
+        self, claim: Claim, checkpoints: dict[str, str], seconds: dict[str, dict[str, float]]
+    ) -> dict[str, Any]:
+        job = self.store.get(claim.job.id)  # with the stage results of this run
+        history = self.store.metrics_history(job.id)
+        relative = self.storage.attempt_folder(job.id, claim.token)
+        train_seconds = sum(float(m.get("epoch_seconds", 0.0)) for m in history)
+        timings = {
+            "train_seconds": train_seconds,
+            # Start-up of the stages' Ray drivers and their whole TorchTrainer.fit(): the
+            # overhead around the epochs is fit_seconds - train_seconds.
+            "start_seconds": sum(s["start"] for s in seconds.values()),
+            "fit_seconds": sum(s["fit"] for s in seconds.values()),
         }
-        logs = self.storage.root / "jobs" / job.id / "logs"
-        return StageRun(claim, STAGE, config, logs / f"{STAGE}-attempt-{claim.token}.log")
-
-    def _finalize(self, claim: Claim, outcome: dict[str, Any]) -> dict[str, Any]:
-        spec = claim.job.spec
-        split = build_datasets(spec.data)
-        model = load_model(spec, outcome["checkpoint"])
-        metrics: dict[str, Any] = final_metrics(model, spec, split)
-        history = self.store.metrics_history(claim.job.id)
-        seconds = sum(float(m.get("epoch_seconds", 0.0)) for m in history)
-        metrics["train_seconds"] = seconds
-        # Start-up of the stage's Ray driver and the whole TorchTrainer.fit(): the overhead
-        # around the epochs is fit_seconds - train_seconds.
-        metrics["start_seconds"] = outcome["seconds"]["start"]
-        metrics["fit_seconds"] = outcome["seconds"]["fit"]
-        if seconds > 0:
-            metrics["samples_per_s"] = len(split.x_train) * len(history) / seconds
-        relative = self.storage.attempt_folder(claim.job.id, claim.token)
-        names = write_artifacts(
-            self.storage.root / relative, spec, split, model, metrics, history, claim.job.id
-        )
-        return {"metrics": metrics, "artifacts": names, "folder": relative}
+        result = finalize(job, checkpoints, history, self.storage.root / relative, timings)
+        return {**result, "folder": relative}
 
     def _finish(self, claim: Claim, state: JobState, **changes: Any) -> JobRecord | None:
         try:

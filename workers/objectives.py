@@ -14,8 +14,12 @@ from shared.specs import (
     GaussianNoiseSpec,
     KLSparsitySpec,
     MaskingNoiseSpec,
+    ObjectiveSpec,
     SparsitySpec,
 )
+from workers.checkpoints import unwrap
+from workers.losses import reconstruction_loss
+from workers.models import DenseAutoencoder
 
 _EPS = 1e-6
 
@@ -92,3 +96,40 @@ def jacobian_frobenius(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
             (row,) = torch.autograd.grad(h[:, j].sum(), x, retain_graph=True)
             squares += row.pow(2).sum(dim=1)
     return squares.sqrt()
+
+
+def compute_loss(model: nn.Module, xb: torch.Tensor, objective: ObjectiveSpec) -> torch.Tensor:
+    """Reconstruction of the clean input from a (maybe corrupted) one, plus regularizers."""
+    raw = unwrap(model)
+    x_in = corrupt(xb, objective.denoising) if objective.denoising else xb
+    x_hat, h = model(x_in)  # through the DDP wrapper, so gradients are all-reduced
+    loss = reconstruction_loss(x_hat, xb, objective.loss)
+    if objective.sparsity:
+        loss = loss + sparsity_penalty(h, objective.sparsity)
+    if objective.contractive:
+        term = objective.contractive
+        linear = raw.first_layer_if_single_sigmoid() if isinstance(raw, DenseAutoencoder) else None
+        if linear is not None:
+            penalty = contractive_closed_form(h, linear.weight)
+        else:
+            penalty = contractive_estimate(raw.encoder, x_in, term.projections)
+        loss = loss + term.weight * penalty
+    return loss
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    model: nn.Module, x: torch.Tensor, objective: ObjectiveSpec
+) -> dict[str, float]:
+    """Validation reconstruction error; with denoising also from corrupted inputs (seeded)."""
+    model.eval()
+    raw = unwrap(model)
+    x_hat, _ = raw(x)
+    metrics = {"val_mse": float(torch.mean((x_hat - x) ** 2))}
+    if objective.loss == "bce":
+        metrics["val_bce"] = float(reconstruction_loss(x_hat, x, "bce"))
+    if objective.denoising:
+        generator = torch.Generator(device=x.device).manual_seed(0)
+        x_noisy_hat, _ = raw(corrupt(x, objective.denoising, generator))
+        metrics["val_mse_corrupted"] = float(torch.mean((x_noisy_hat - x) ** 2))
+    return metrics

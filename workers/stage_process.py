@@ -20,6 +20,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import (
 )
 
 from shared.specs import parse_job_spec
+from workers.tasks import checkpoints_to_keep, find_stage
 from workers.train_loop import train_loop_per_worker
 
 # Ray Train V2 drains reports every 2 s by default; a checkpoint report then costs ~2 s.
@@ -45,7 +46,7 @@ class StageTrainer(TorchTrainer):
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
     spec = parse_job_spec(config["spec"])
-    resources = spec.resources
+    resources = find_stage(spec, config["stage"]).resources
     ray.init(address=config["ray_address"], runtime_env={"env_vars": RAY_ENV})
     connected_at = time.time()
     trainer = StageTrainer(
@@ -62,7 +63,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         run_config=RunConfig(
             name=config["run_name"],
             storage_path=config["runs_root"],
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.training.checkpoints_to_keep),
+            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep(spec)),
             failure_config=FailureConfig(max_failures=resources.max_failures),
         ),
     )

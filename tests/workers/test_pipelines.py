@@ -1,0 +1,166 @@
+"""Stacked and semisupervised jobs: stages as separate Ray Train runs, results, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from fastapi.testclient import TestClient
+
+from shared.settings import Settings
+from shared.storage import Storage
+from shared.store import JobStore
+from workers.dispatcher import Dispatcher
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def example(name: str, **changes: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
+    for path, value in changes.items():
+        node = spec
+        *parents, leaf = path.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return spec
+
+
+def run_one(store: JobStore, storage: Storage, settings: Settings, ray_address: str) -> None:
+    Dispatcher(store, storage, settings.require_redis_url(), ray_address).run_once(2000)
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_stacked_example_trains_layer_by_layer_then_finetunes(
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings,
+    ray_address: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    spec = example("stacked-digits.yaml", training__epochs=3, finetune__epochs=2)
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    assert [s["name"] for s in client.get(f"/v1/jobs/{job_id}").json()["stages"]] == [
+        "layer1", "layer2", "layer3", "finetune"]  # fmt: skip
+    run_one(store, storage, settings, ray_address)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "succeeded", job["error"]
+    stages = {s["name"]: s for s in job["stages"]}
+    # Each stage started after the one it needs had finished.
+    for before, after in [("layer1", "layer2"), ("layer2", "layer3"), ("layer3", "finetune")]:
+        assert stages[before]["finished_at"] <= stages[after]["started_at"]
+    metrics = client.get(f"/v1/jobs/{job_id}/result").json()["metrics"]
+    for i in (1, 2, 3):
+        assert metrics[f"layer{i}_val_mse"] > 0  # each layer's error on its own input
+    assert 0 < metrics["val_mse"] < 0.2 and metrics["pca_val_mse"] > 0
+    encoder_file = tmp_path / "stack.pt"
+    encoder_file.write_bytes(client.get(f"/v1/jobs/{job_id}/encoder").content)
+    codes = torch.jit.load(str(encoder_file))(torch.rand(5, 64) * 16)
+    assert codes.shape == (5, 12) and bool(((codes > 0) & (codes < 1)).all())  # sigmoid codes
+
+
+def test_semisupervised_example_reports_head_and_baseline_accuracy(
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings,
+    ray_address: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    spec = example("semisupervised-digits.yaml", pretrain__training__epochs=3, head__epochs=20,
+                   labeled_fraction=0.2)  # fmt: skip
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    run_one(store, storage, settings, ray_address)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "succeeded", job["error"]
+    assert [s["name"] for s in job["stages"]] == ["pretrain", "head", "baseline"]
+    assert job["stages"][2]["needs"] == [] and job["stages"][1]["needs"] == ["pretrain"]
+    result = client.get(f"/v1/jobs/{job_id}/result").json()
+    metrics = result["metrics"]
+    # 10 classes: chance is 0.1; both learn something from 20% of the labels.
+    assert 0.3 < metrics["head_accuracy"] <= 1 and 0.3 < metrics["baseline_accuracy"] <= 1
+    assert metrics["accuracy_gain"] == pytest.approx(
+        metrics["head_accuracy"] - metrics["baseline_accuracy"])  # fmt: skip
+    assert metrics["labeled"] == round(0.2 * 1149)  # of the training split (digits, 64% of 1797)
+    assert "classifier.pt" in result["artifacts"]
+    classifier_file = tmp_path / "classifier.pt"
+    classifier_file.write_bytes(client.get(f"/v1/jobs/{job_id}/artifacts/classifier.pt").content)
+    logits = torch.jit.load(str(classifier_file))(torch.rand(4, 64) * 16)
+    assert logits.shape == (4, 10)
+
+
+def test_a_stage_larger_than_the_cluster_fails_with_a_reason(
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
+) -> None:
+    spec = example("stacked-digits.yaml", resources={"workers": 64})
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    run_one(store, storage, settings, ray_address)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "failed"
+    assert "layer1" in job["error"] and "more than the whole cluster" in job["error"]
+
+
+def test_a_killed_stacked_job_resumes_at_the_stage_after_the_last_finished(
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
+) -> None:
+    spec = example("stacked-digits.yaml", training__epochs=400, finetune=None)
+    spec["training"]["checkpoint_every"] = 100
+    spec["layers"] = spec["layers"][:2] + [{"units": 12, "activation": "sigmoid"}]
+    spec["layers"][0]["objective"] = {"loss": "mse"}
+    spec["layers"][1]["objective"] = {"loss": "mse"}
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    env = {**os.environ, "AETRAIN_REDIS_URL": settings.require_redis_url(),
+           "AETRAIN_STORAGE": str(settings.storage_root), "RAY_ADDRESS": ray_address,
+           "RAY_AUTH_MODE": "token", "AETRAIN_LEASE_TTL_S": "3"}  # fmt: skip
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "workers"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    first = start_worker()
+    try:
+
+        def layer3_running() -> bool:
+            stages = {s["name"]: s for s in client.get(f"/v1/jobs/{job_id}").json()["stages"]}
+            return (
+                stages["layer2"]["state"] == "succeeded" and stages["layer3"]["epoch"] is not None
+            )
+
+        wait_for(layer3_running, 200, "layer 3 to start training")
+        first.send_signal(signal.SIGKILL)  # the dispatcher dies; its stage process dies with it
+        first.wait()
+        second = start_worker()
+        job = wait_for(
+            lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] != "running" and j,
+            200, "the job to finish after the takeover",
+        )  # fmt: skip
+        second.terminate()
+        second.wait(timeout=60)
+    finally:
+        first.kill()
+    assert job["state"] == "succeeded", job["error"]
+    assert job["attempts"] == 2
+    history = store.metrics_history(job_id)
+    tokens = {stage: {m["token"] for m in history if m["stage"] == stage}
+              for stage in ("layer1", "layer2", "layer3")}  # fmt: skip
+    first_token = min(tokens["layer1"])
+    # Stages finished before the kill were not redone; the second run went on from layer 3.
+    assert tokens["layer1"] == {first_token} and tokens["layer2"] == {first_token}
+    assert tokens["layer3"] == {first_token + 1}
+    logs = sorted(p.name for p in (storage.root / "jobs" / job_id / "logs").glob("*.log"))
+    assert logs == [
+        f"layer1-attempt-{first_token}.log",
+        f"layer2-attempt-{first_token}.log",
+        f"layer3-attempt-{first_token}.log",
+        f"layer3-attempt-{first_token + 1}.log",
+    ]
