@@ -23,8 +23,14 @@ from shared.specs import parse_job_spec
 from workers.tasks import checkpoints_to_keep, find_stage
 from workers.train_loop import train_loop_per_worker
 
-# Ray Train V2 drains reports every 2 s by default; a checkpoint report then costs ~2 s.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+RAY_ENV = {
+    # Ray Train V2 drains reports every 2 s by default; a checkpoint report then cost ~2 s.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    # A stage waits in Ray's queue (its placement group is all or nothing) while stages of
+    # other jobs hold the cluster; the default 60 s would fail it. A stage that can never
+    # fit is refused before it starts (stage_graph.py).
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "86400",
+}
 
 
 class StageTrainer(TorchTrainer):

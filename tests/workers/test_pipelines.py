@@ -85,6 +85,11 @@ def test_semisupervised_example_reports_head_and_baseline_accuracy(
     assert job["state"] == "succeeded", job["error"]
     assert [s["name"] for s in job["stages"]] == ["pretrain", "head", "baseline"]
     assert job["stages"][2]["needs"] == [] and job["stages"][1]["needs"] == ["pretrain"]
+    pretrain, head, baseline = job["stages"]
+    # The baseline needs nothing: it ran beside the pretraining (1 CPU each of 2), and the
+    # head started only once the pretraining had finished.
+    assert baseline["started_at"] < pretrain["finished_at"]
+    assert head["started_at"] >= pretrain["finished_at"]
     result = client.get(f"/v1/jobs/{job_id}/result").json()
     metrics = result["metrics"]
     # 10 classes: chance is 0.1; both learn something from 20% of the labels.
