@@ -7,7 +7,6 @@ on the next start), then Redis, which flushes its append-only file.
 """
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -21,8 +20,8 @@ from types import FrameType
 import redis
 
 from shared.settings import Settings
+from workers.processes import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
 _STOP_TIMEOUT_S = 60.0
 
 
@@ -40,12 +39,6 @@ def free_port() -> int:
         return port
 
 
-def _die_with_parent(signum: int) -> None:
-    # A killed `aetrain up` takes its children with it instead of leaving them orphaned.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
-
-
 def _spawn(name: str, args: list[str], env: dict[str, str], logs: Path, signum: int) -> Child:
     log_path = logs / f"{name}.log"
     with open(log_path, "ab") as log:
@@ -56,7 +49,7 @@ def _spawn(name: str, args: list[str], env: dict[str, str], logs: Path, signum: 
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches only `up`, which stops children in order
-            preexec_fn=lambda: _die_with_parent(signum),
+            preexec_fn=lambda: die_with_parent(signum),
         )
     return Child(name, process, log_path)
 

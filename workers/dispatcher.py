@@ -42,8 +42,9 @@ class Dispatcher:
         self.slots = slots
         self.id = dispatcher_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
-        # The dispatcher only evaluates small models; on this 2-core machine torch's default
-        # of one thread per core made that 50-150x slower (bench/overhead.py prints it).
+        # The dispatcher evaluates small models beside busy Ray workers; there, torch's
+        # default of one thread per core was 2.4x slower with the other core busy and up to
+        # 100x slower during a test run on 2 cores (README, "What a job costs").
         torch.set_num_threads(1)
         self._running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()

@@ -50,10 +50,11 @@ def save_latent(path: Path, codes: np.ndarray, labels: np.ndarray | None) -> Non
     else:
         points = np.pad(centered, ((0, 0), (0, 2 - codes.shape[1])))
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    scatter = ax.scatter(points[:, 0], points[:, 1], s=6,
-                         c=labels if labels is not None else "tab:blue", cmap="tab10")  # fmt: skip
     if labels is not None:
+        scatter = ax.scatter(points[:, 0], points[:, 1], s=6, c=labels, cmap="tab10")
         fig.colorbar(scatter, ax=ax, label="label")
+    else:
+        ax.scatter(points[:, 0], points[:, 1], s=6)
     ax.set_title("codes, first two principal components")
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -125,7 +125,8 @@ def build_model(
 
 
 class NormalizedEncoder(nn.Module):
-    """The exported encoder: raw inputs in, codes out (the training normalization built in)."""
+    """An exported module (encoder or classifier): raw inputs in, the training normalization
+    built in."""
 
     def __init__(self, encoder: nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()

@@ -3,14 +3,13 @@
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from shared.jobs import JobRecord
 from shared.specs import AutoencoderSpec, ObjectiveSpec, SemisupervisedSpec, StackedSpec
 from workers.artifacts import ArtifactWriter, final_metrics
 from workers.checkpoints import load_state
-from workers.models import build_model
+from workers.models import NormalizedEncoder, build_model
 from workers.stack import build_stack
 from workers.tasks import build_classifier, find_stage, job_split
 
@@ -77,19 +76,6 @@ def _final_stack(spec: StackedSpec, checkpoints: dict[str, str]) -> nn.Module:
     return stack.eval()
 
 
-class NormalizedClassifier(nn.Module):
-    """The exported classifier: raw inputs in, class logits out."""
-
-    def __init__(self, classifier: nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> None:
-        super().__init__()
-        self.classifier = classifier
-        self.register_buffer("shift", shift)
-        self.register_buffer("scale", scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier((x.reshape(x.shape[0], -1) - self.shift) / self.scale)
-
-
 def _semisupervised(
     spec: SemisupervisedSpec,
     job: JobRecord,
@@ -110,7 +96,7 @@ def _semisupervised(
     classifier = build_classifier(spec, find_stage(spec, "head"), checkpoints, classes)
     classifier.load_state_dict(load_state(checkpoints["head"])["model"])
     writer.encoder(classifier.encoder)  # fine-tuned by the head when finetune_encoder is on
-    writer.module("classifier.pt", NormalizedClassifier(classifier, writer.shift, writer.scale))
+    writer.module("classifier.pt", NormalizedEncoder(classifier, writer.shift, writer.scale))
     description = {"arch": "classifier", "pretrain": spec.pretrain.model_dump(mode="json"),
                    "head": spec.head.model_dump(mode="json"), "classes": classes,
                    "finetune_encoder": spec.finetune_encoder}  # fmt: skip

@@ -1,9 +1,7 @@
 """Runs one stage as a supervised child process and watches lease, cancel and exit."""
 
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,11 +11,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from shared.errors import LeaseLost, TrainingFailed
 from shared.store import Claim, JobStore
 from workers.lease import LeaseKeeper
+from workers.processes import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
 _POLL_S = 0.2
 _CANCEL_CHECK_S = 1.0
 
@@ -45,14 +45,13 @@ class Stopped(Exception):
         self.reason = reason
 
 
-def _die_with_parent() -> None:
-    # Linux only: the child gets SIGKILL when the dispatcher dies, so a dead dispatcher never
-    # leaves a live run behind that a second runner would duplicate.
+def _cancel_requested(store: JobStore, job_id: str) -> bool:
+    # Redis down for a moment is not a reason to stop training; the lease keeper decides
+    # when the job is really lost.
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+        return store.get(job_id).cancel_requested
+    except redis.RedisError:
+        return False
 
 
 def run_stage(
@@ -82,7 +81,7 @@ def run_stage(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     last_cancel_check = time.monotonic()
     try:
@@ -92,7 +91,7 @@ def run_stage(
                 raise LeaseLost(job_id, token)
             now = time.monotonic()
             if now - last_cancel_check >= _CANCEL_CHECK_S:
-                if store.get(job_id).cancel_requested:
+                if _cancel_requested(store, job_id):
                     raise Stopped(StopReason.CANCELLED)
                 last_cancel_check = now
             if should_stop():

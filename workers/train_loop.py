@@ -10,6 +10,7 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+import redis
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,6 +30,17 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) 
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     optimizer = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     return optimizer(params, lr=lr, weight_decay=weight_decay)
+
+
+def publish(store: JobStore, config: dict[str, Any], epoch: int,
+            metrics: dict[str, float]) -> bool:  # fmt: skip
+    """Send one epoch's metrics; False only when the lease is someone else's now."""
+    try:
+        return store.record_progress(
+            config["job_id"], config["token"], config["stage"], epoch, metrics
+        )
+    except redis.RedisError:  # Redis down for a moment: this epoch's line is lost, not the run
+        return True
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -87,9 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "epoch_seconds": seconds,
                 "samples_per_s": len(train_set) / seconds,
             }
-            if not store.record_progress(
-                config["job_id"], config["token"], config["stage"], epoch, metrics
-            ):
+            if not publish(store, config, epoch, metrics):
                 raise LeaseLost(config["job_id"], config["token"])
         if is_checkpoint:
             # ray.train.report is a barrier of all ranks and costs ~2 s on Ray's default health
