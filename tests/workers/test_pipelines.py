@@ -169,3 +169,30 @@ def test_a_killed_stacked_job_resumes_at_the_stage_after_the_last_finished(
         f"layer3-attempt-{first_token}.log",
         f"layer3-attempt-{first_token + 1}.log",
     ]
+
+
+def test_semisupervised_on_a_stacked_pretraining_with_a_finetuned_encoder(
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
+) -> None:
+    spec = {
+        "kind": "semisupervised",
+        "data": {"dataset": "digits"},
+        "labeled_count": 100,
+        "pretrain": {"kind": "stacked", "layers": [{"units": 32}, {"units": 16}],
+                     "finetune": {"epochs": 2}, "training": {"epochs": 3}},
+        "head": {"hidden": [32], "epochs": 10},
+        "finetune_encoder": True,
+        "baseline": False,
+    }  # fmt: skip
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    run_one(store, storage, settings, ray_address)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "succeeded", job["error"]
+    assert [(s["name"], s["state"]) for s in job["stages"]] == [
+        ("pretrain-layer1", "succeeded"), ("pretrain-layer2", "succeeded"),
+        ("pretrain-finetune", "succeeded"), ("head", "succeeded")]  # fmt: skip
+    metrics = client.get(f"/v1/jobs/{job_id}/result").json()["metrics"]
+    assert metrics["labeled"] == 100 and 0 <= metrics["head_accuracy"] <= 1
+    assert "baseline_accuracy" not in metrics  # baseline: false plans no baseline stage
+    encoder = client.get(f"/v1/jobs/{job_id}/encoder").content
+    assert len(encoder) > 1000
