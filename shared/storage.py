@@ -44,7 +44,7 @@ class Storage:
         if name not in artifacts:
             raise ArtifactNotFound(job.id, name)
         folder: str = job.result["folder"]
-        path = (self.root / folder / artifacts[artifacts.index(name)]).resolve()
+        path = (self.root / folder / name).resolve()
         # The list and folder come from our own records; still, nothing outside the root is
         # ever served, even through a bad record or a symlink.
         if not path.is_relative_to(self.root) or not path.is_file():

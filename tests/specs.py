@@ -14,3 +14,13 @@ def digits_spec(epochs: int = 3, workers: int = 1, **training: Any) -> dict[str,
                      "checkpoint_every": 5, **training},
         "resources": {"workers": workers},
     }  # fmt: skip
+
+
+def set_field(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """Set the field at a dotted path (`training.epochs`) of a spec document; returns it."""
+    *parents, leaf = path.split(".")
+    node = doc
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return doc

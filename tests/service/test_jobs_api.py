@@ -11,7 +11,7 @@ from service.app import create_app
 from shared.settings import Settings
 from shared.store import JobStore
 from tests.conftest import free_port
-from tests.specs import digits_spec
+from tests.specs import digits_spec, set_field
 
 
 def queued_messages(store: JobStore) -> int:
@@ -32,13 +32,7 @@ def test_submit_returns_the_queued_record(client: TestClient, store: JobStore) -
 
 
 def _with(path: str, value: Any) -> dict[str, Any]:
-    spec = digits_spec()
-    *parents, leaf = path.split(".")
-    node = spec
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-    return spec
+    return set_field(digits_spec(), path, value)
 
 
 @pytest.mark.parametrize(

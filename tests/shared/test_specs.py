@@ -16,7 +16,7 @@ from shared.specs import (
     DenseModelSpec,
     parse_job_spec,
 )
-from tests.specs import digits_spec
+from tests.specs import digits_spec, set_field
 
 EXAMPLE: dict[str, Any] = {
     "kind": "autoencoder",
@@ -70,11 +70,7 @@ def test_the_test_suites_digits_spec_validates() -> None:
 
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def mutate(doc: dict[str, Any]) -> None:
-        *parents, leaf = path.split(".")
-        node = doc
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_field(doc, path, value)
 
     return mutate
 

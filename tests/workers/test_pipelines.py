@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore
+from tests.specs import set_field
 from workers.dispatcher import Dispatcher
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -27,11 +28,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def example(name: str, **changes: Any) -> dict[str, Any]:
     spec: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
     for path, value in changes.items():
-        node = spec
-        *parents, leaf = path.split("__")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_field(spec, path.replace("__", "."), value)
     return spec
 
 
