@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.errors import install_error_handlers
-from service.routes import health, jobs
+from service.routes import datasets, events, health, jobs
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore, connect
@@ -24,7 +24,10 @@ def create_app(settings: Settings) -> FastAPI:
             client.close()
 
     app = FastAPI(title="aetrain", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings  # read per request by service.deps (auth on or off)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(events.router)
+    app.include_router(datasets.router)
     return app

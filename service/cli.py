@@ -4,7 +4,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -14,6 +14,9 @@ from rich.table import Table
 
 from service.client import ApiError, Client
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from shared.store import JobStore
 
 app = typer.Typer(help="aetrain: train autoencoders as jobs.", no_args_is_help=True)
 console = Console()
@@ -56,11 +59,6 @@ def api(
     from service.app import create_app
 
     settings = Settings()
-    if settings.auth == "on":
-        raise _fail(
-            "AETRAIN_AUTH=on: API keys are not implemented yet, so the API refuses to run "
-            "open; set AETRAIN_AUTH=off on a trusted network (`aetrain up` does)"
-        )
     if not settings.redis_url:
         raise _fail("AETRAIN_REDIS_URL is not set")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
@@ -113,7 +111,7 @@ def submit(
 
 
 def follow(client: Client, job: dict[str, Any]) -> dict[str, Any]:
-    total = job["spec"].get("training", {}).get("epochs") or 1
+    """Poll the job until it ends, with one progress bar per stage."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -122,18 +120,28 @@ def follow(client: Client, job: dict[str, Any]) -> dict[str, Any]:
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=err) as progress:
-        task = progress.add_task(job["state"], total=total, metrics="")
+        bars = {
+            stage["name"]: progress.add_task(
+                stage["name"], total=stage.get("epochs") or 1, metrics=""
+            )  # fmt: skip
+            for stage in job["stages"]
+        }
         while True:
             try:
                 job = client.get(job["id"])
             except ApiError as exc:
-                progress.update(task, description=f"retrying: {exc}")
+                progress.console.print(f"retrying: {exc}")
                 time.sleep(2)
                 continue
-            done = 0 if job["epoch"] is None else job["epoch"] + 1
-            loss = job["metrics"].get("val_mse", job["metrics"].get("val_bce"))
-            shown = f"val {loss:.5f}" if loss is not None else ""
-            progress.update(task, completed=done, description=job["state"], metrics=shown)
+            for stage in job["stages"]:
+                done = 0 if stage["epoch"] is None else stage["epoch"] + 1
+                if stage["state"] == "succeeded":
+                    done = stage.get("epochs") or done
+                metrics = stage["metrics"]
+                loss = metrics.get("val_mse", metrics.get("val_bce", metrics.get("val_loss")))
+                shown = f"val {loss:.5f}" if loss is not None else ""
+                progress.update(bars[stage["name"]], completed=done, metrics=shown,
+                                description=f"{stage['name']} {stage['state']}")  # fmt: skip
             if job["state"] in TERMINAL:
                 return job
             time.sleep(1.0)
@@ -227,6 +235,65 @@ def pull(
         raise _fail(str(exc)) from None
     output.write_bytes(data)
     console.print(f"wrote {output} ({len(data):,} bytes, {format})")
+
+
+# -- API keys (straight to Redis: whoever can reach Redis is an operator) -----------------------
+keys_app = typer.Typer(help="API keys of tenants (needs Redis: AETRAIN_REDIS_URL or `aetrain up`).")
+app.add_typer(keys_app, name="keys", no_args_is_help=True)
+
+
+def _key_store() -> "JobStore":
+    import redis
+
+    from service.embedded import REDIS_URL_FILE, find_redis_url
+    from shared.store import JobStore, connect
+
+    settings = Settings()
+    url = find_redis_url(settings)
+    if url is None:
+        raise _fail(
+            f"no Redis: set AETRAIN_REDIS_URL, or run `aetrain up` (it writes "
+            f"{settings.home / REDIS_URL_FILE}) in this folder or with the same AETRAIN_HOME"
+        )
+    store = JobStore(connect(url), settings.key_prefix)
+    try:
+        store.ping()
+    except redis.RedisError as exc:
+        raise _fail(f"cannot reach Redis at {url} ({exc}); is `aetrain up` running?") from None
+    return store
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="tenant that owns the key and its jobs")],
+) -> None:
+    """Create an API key; prints it once, as the last line (only its hash is kept)."""
+    store = _key_store()
+    try:
+        key_id, key = store.create_api_key(tenant)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"API key {key_id} of tenant {tenant!r}; it is shown only now:", highlight=False)
+    typer.echo(key)  # plain echo: rich could wrap or colour the key
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="id from `aetrain keys list`")]) -> None:
+    """Revoke an API key at once."""
+    if not _key_store().revoke_api_key(key_id):
+        raise _fail(f"no live API key with id {key_id!r}")
+    console.print(f"revoked {key_id}")
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None,
+) -> None:
+    """List API keys (ids and tenants; a key itself is never stored)."""
+    table = Table("id", "tenant", "created_at", "revoked_at")
+    for info in _key_store().list_api_keys(tenant):
+        table.add_row(info["key_id"], info["tenant"], info["created_at"], info["revoked_at"] or "")
+    console.print(table)
 
 
 def main() -> None:

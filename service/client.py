@@ -32,6 +32,11 @@ class Client:
             raise ApiError(
                 f"cannot reach the aetrain API at {self.url} ({exc}); is `aetrain up` running?"
             ) from None
+        if response.status_code == 401:
+            raise ApiError(
+                f"HTTP 401: {_detail(response)}; set AETRAIN_API_KEY to a key from "
+                "`aetrain keys create --tenant NAME`"
+            )
         if response.status_code >= 400:
             raise ApiError(f"HTTP {response.status_code}: {_detail(response)}")
         return response

@@ -23,6 +23,7 @@ from shared.settings import Settings
 from workers.processes import die_with_parent
 
 _STOP_TIMEOUT_S = 60.0
+REDIS_URL_FILE = "redis.url"  # under AETRAIN_HOME: how `aetrain keys` finds the private Redis
 
 
 @dataclass
@@ -37,6 +38,17 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def find_redis_url(settings: Settings) -> str | None:
+    """AETRAIN_REDIS_URL, else the URL of the redis-server that `aetrain up` last started."""
+    if settings.redis_url:
+        return settings.redis_url
+    try:
+        url = (settings.home.resolve() / REDIS_URL_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return url or None
 
 
 def _spawn(name: str, args: list[str], env: dict[str, str], logs: Path, signum: int) -> Child:
@@ -91,7 +103,7 @@ def start_redis(home: Path, env: dict[str, str], logs: Path) -> tuple[Child, str
         ) from None
     url = f"redis://127.0.0.1:{port}/0"
     _wait_for_redis(url, child)
-    (home / "redis.url").write_text(url + "\n")
+    (home / REDIS_URL_FILE).write_text(url + "\n")
     return child, url
 
 
@@ -127,6 +139,8 @@ def run_up(settings: Settings, host: str, port: int) -> int:
         api = [*cli, "api", "--host", host, "--port", str(port)]
         children.append(_spawn("api", api, env, logs, signal.SIGTERM))
         print(f"aetrain is up: API http://{host}:{port}  (state in {home}, logs in {logs})")
+        if env["AETRAIN_AUTH"] == "on":
+            print("API keys are on: create one with `aetrain keys create --tenant NAME`.")
         print("Ctrl-C stops it; running jobs resume from their checkpoints on the next start.")
         sys.stdout.flush()
         while not stop_requested:

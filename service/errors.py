@@ -10,11 +10,16 @@ from fastapi.responses import JSONResponse
 
 from shared.errors import (
     ArtifactNotFound,
+    DatasetInvalid,
+    DatasetNotFound,
     IdempotencyConflict,
     InvalidTransition,
     JobNotFound,
     ResultNotReady,
+    TooManyJobs,
     TrainServiceError,
+    Unauthenticated,
+    UploadTooLarge,
 )
 from shared.specs import UNION_TAGS
 
@@ -24,7 +29,15 @@ STATUS: dict[type[TrainServiceError], int] = {
     InvalidTransition: 409,
     ResultNotReady: 409,
     IdempotencyConflict: 409,
+    Unauthenticated: 401,
+    DatasetNotFound: 404,
+    DatasetInvalid: 422,
+    UploadTooLarge: 413,
+    TooManyJobs: 429,
 }
+
+# Seconds a client should wait before trying again, per status.
+_RETRY_AFTER = {429: "30", 503: "2"}
 
 # Checks across fields (shared/specs.py) start their message with the field they blame.
 _NAMED_FIELD = re.compile(r"^Value error, ([a-z_]+(?:\.[a-z_]+)*): ")
@@ -63,7 +76,18 @@ def field_errors(errors: Any) -> list[dict[str, Any]]:
 def install_error_handlers(app: FastAPI) -> None:
     async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 400)
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        # RFC 6750: a 401 names the scheme the client should retry with.
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        if status in _RETRY_AFTER:
+            headers["Retry-After"] = _RETRY_AFTER[status]
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+    async def on_invalid_dataset(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DatasetInvalid)
+        # The same shape as a bad spec's 422: a list naming each bad field (file, x or y).
+        detail = [{"field": exc.field, "loc": ["body", exc.field], "msg": exc.reason,
+                   "type": "value_error"}]  # fmt: skip
+        return JSONResponse({"detail": detail}, status_code=422)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -77,6 +101,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(TrainServiceError, on_domain_error)
+    app.add_exception_handler(DatasetInvalid, on_invalid_dataset)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(redis.ConnectionError, on_redis_down)
     app.add_exception_handler(redis.TimeoutError, on_redis_down)

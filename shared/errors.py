@@ -7,7 +7,12 @@
     ├── ResultNotReady         a result asked for before the job succeeded
     ├── ArtifactNotFound       a name that is not in the job's artifact list
     ├── IdempotencyConflict    an Idempotency-Key reused with another spec
-    └── TrainingFailed         the training run ended with an error
+    ├── Unauthenticated        no API key, or one that is malformed, unknown or revoked
+    ├── TrainingFailed         the training run ended with an error
+    ├── DatasetNotFound        no such uploaded dataset (or not the caller's)
+    ├── DatasetInvalid         an upload that is not a dataset we can train on
+    ├── UploadTooLarge         an upload past the size cap
+    └── TooManyJobs            a tenant at its limit of queued and running jobs
 
 Each error keeps its constructor arguments in ``args`` and formats its message in ``__str__``,
 so it survives pickling across processes.
@@ -73,6 +78,13 @@ class IdempotencyConflict(TrainServiceError):
         return f"Idempotency-Key {self.key!r} was already used with a different spec"
 
 
+class Unauthenticated(TrainServiceError):
+    """One message for every bad key, so that a caller learns nothing about which keys exist."""
+
+    def __str__(self) -> str:
+        return "missing or invalid API key"
+
+
 class TrainingFailed(TrainServiceError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -80,3 +92,40 @@ class TrainingFailed(TrainServiceError):
 
     def __str__(self) -> str:
         return self.reason
+
+
+class DatasetNotFound(TrainServiceError):
+    def __init__(self, dataset_id: str) -> None:
+        super().__init__(dataset_id)
+        self.dataset_id = dataset_id
+
+    def __str__(self) -> str:
+        return f"no dataset {self.dataset_id!r}"
+
+
+class DatasetInvalid(TrainServiceError):
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(field, reason)
+        self.field, self.reason = field, reason
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}"
+
+
+class UploadTooLarge(TrainServiceError):
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_bytes)
+        self.max_bytes = max_bytes
+
+    def __str__(self) -> str:
+        return f"the upload is larger than the limit of {self.max_bytes} bytes"
+
+
+class TooManyJobs(TrainServiceError):
+    def __init__(self, tenant: str, limit: int) -> None:
+        super().__init__(tenant, limit)
+        self.tenant, self.limit = tenant, limit
+
+    def __str__(self) -> str:
+        return (f"tenant {self.tenant!r} has {self.limit} jobs queued or running, its limit; "
+                "submit again when one has finished")  # fmt: skip

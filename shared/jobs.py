@@ -79,6 +79,10 @@ class StageRecord(BaseModel):
     epoch: int | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     needs: list[str] = Field(default_factory=list, description="stages that must finish first")
+    epochs: int = Field(default=0, description="epochs the stage will train")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="what the stage asks of the cluster (CPU, GPU, workers)"
+    )
     checkpoint: str | None = Field(default=None, description="the stage's final checkpoint")
     result: dict[str, float] = Field(default_factory=dict, description="final metrics")
 
@@ -102,6 +106,7 @@ class JobRecord(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     error: str | None = None
     attempts: int = Field(default=0, description="how many runs were started (takeovers count)")
+    takeovers: int = Field(default=0, description="runs that ended with their runner lost")
     cancel_requested: bool = False
     result: dict[str, Any] | None = Field(
         default=None, description="final metrics, artifact names and their folder"
@@ -116,7 +121,13 @@ class JobRecord(BaseModel):
             tenant=tenant,
             spec=spec,
             stages=[
-                StageRecord(name=stage.name, needs=list(stage.needs)) for stage in plan_stages(spec)
+                StageRecord(
+                    name=stage.name,
+                    needs=list(stage.needs),
+                    epochs=stage.epochs,
+                    resources={"workers": stage.resources.workers, **stage.demand},
+                )
+                for stage in plan_stages(spec)
             ],
             warnings=spec.warnings(),
         )

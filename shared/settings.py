@@ -17,7 +17,19 @@ class Settings(BaseSettings):
     key_prefix: str = "aetrain"
     auth: Literal["off", "on"] = "on"
     lease_ttl_s: float = Field(default=15.0, gt=0.5, description="lease life without heartbeat")
-    dispatcher_slots: int = Field(default=1, ge=1, le=64, description="jobs run at once")
+    dispatcher_slots: int = Field(
+        default=4, ge=1, le=64, description="jobs one dispatcher runs at once, as room allows"
+    )
+    max_open_jobs: int = Field(
+        default=100, ge=1, le=1_000_000, description="queued + running jobs per tenant (429)"
+    )
+    max_takeovers: int = Field(
+        default=3, ge=0, le=100, description="times a job's lost runner is replaced, then failed"
+    )
+    max_upload_bytes: int = Field(default=256 * 2**20, ge=1024, description="dataset file cap")
+    max_dataset_bytes: int = Field(
+        default=1024 * 2**20, ge=1024, description="cap on a dataset's arrays once unpacked"
+    )
     ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
 
     @property

@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from shared.datasets import DATASET_ID, UploadedData
+
 # Input shapes of the built-in datasets (channels, height, width for images): the spec checks
 # shapes and sizes before anything is queued.
 LABELED_DATASETS = frozenset({"digits", "mnist5k"})
@@ -38,29 +40,56 @@ class FrozenSpec(BaseModel):
 
 
 class DataSpec(FrozenSpec):
-    dataset: str = Field(description="a built-in dataset name")
+    dataset: str = Field(description="a built-in dataset name, or the id of an upload (ds-...)")
     validation_fraction: float = Field(default=0.2, gt=0.0, le=0.5)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     normalize: Literal["minmax", "standard", "none"] = "minmax"
     n_samples: int = Field(
         default=2000, ge=100, le=100_000, description="size of generated datasets (manifolds)"
     )
+    upload: UploadedData | None = Field(
+        default=None,
+        description="set by the server from its dataset index when `dataset` names an upload; "
+        "whatever a client sends here is replaced",
+    )
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
-        if name not in BUILTIN_DATASETS:
+        if name not in BUILTIN_DATASETS and not DATASET_ID.match(name):
             known = ", ".join(sorted(BUILTIN_DATASETS))
-            raise ValueError(f"unknown dataset {name!r}; built-in datasets are: {known}")
+            raise ValueError(f"unknown dataset {name!r}; built-in datasets are: {known}; "
+                             "uploads have ids like ds-0123456789abcdef01234567")  # fmt: skip
         return name
+
+    @model_validator(mode="after")
+    def _upload_only_for_uploads(self) -> "DataSpec":
+        if self.dataset in BUILTIN_DATASETS and self.upload is not None:
+            raise ValueError(f"upload: {self.dataset} is a built-in dataset, not an upload")
+        return self
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the shape is known: a built-in dataset, or an upload the server looked up."""
+        return self.dataset in BUILTIN_DATASETS or self.upload is not None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        if self.upload is not None:
+            return self.upload.input_shape
+        if self.dataset not in BUILTIN_DATASETS:
+            raise ValueError(f"data.dataset: upload {self.dataset} was not looked up")
         return BUILTIN_DATASETS[self.dataset]
 
     @property
     def input_dim(self) -> int:
         return math.prod(self.input_shape)
+
+    @property
+    def labeled(self) -> bool:
+        if self.upload is not None:
+            return self.upload.classes > 0
+        return self.dataset in LABELED_DATASETS
 
 
 class DenseModelSpec(FrozenSpec):
@@ -211,7 +240,14 @@ class ResourcesSpec(FrozenSpec):
     workers: int = Field(default=1, ge=1, le=64, description="DDP ranks")
     gpus_per_worker: float = Field(default=0, ge=0, le=8)
     cpus_per_worker: float = Field(default=1, gt=0, le=64)
-    max_failures: int = Field(default=0, ge=0, le=10, description="worker-group restarts")
+    max_failures: int = Field(
+        default=0, ge=0, le=10,
+        description="restarts of a stage's worker group after a failure or a stall",
+    )  # fmt: skip
+    progress_timeout_s: float = Field(
+        default=600.0, ge=5.0, le=86_400.0,
+        description="a stage that finishes no epoch for this long is stopped and retried",
+    )  # fmt: skip
 
 
 class JobSpecBase(FrozenSpec):
@@ -243,6 +279,8 @@ class AutoencoderSpec(JobSpecBase):
 def check_autoencoder(model: "DenseModelSpec | ConvModelSpec", objective: ObjectiveSpec,
                       data: DataSpec, where: str = "") -> None:  # fmt: skip
     """Checks across fields of one autoencoder; `where` prefixes the blamed field."""
+    if not data.resolved:  # an upload: checked again once the API has looked up its shape
+        return
     if isinstance(model, ConvModelSpec):
         count = model.parameter_count(data.input_shape)
     else:
@@ -264,7 +302,7 @@ def check_autoencoder(model: "DenseModelSpec | ConvModelSpec", objective: Object
 
 def autoencoder_warnings(model: "DenseModelSpec | ConvModelSpec", objective: ObjectiveSpec,
                          data: DataSpec, where: str = "") -> list[str]:  # fmt: skip
-    if model.latent_dim > data.input_dim and not objective.is_regularized:
+    if data.resolved and model.latent_dim > data.input_dim and not objective.is_regularized:
         return [
             f"{where}overcomplete: latent_dim {model.latent_dim} > input size "
             f"{data.input_dim} with no sparsity, denoising or contractive term; "
@@ -291,6 +329,8 @@ class FinetuneSpec(FrozenSpec):
 
 def check_stack(layers: tuple[LayerSpec, ...], data: DataSpec, where: str = "") -> None:
     """Checks of a stack: sizes, and what each layer's objective needs from its input."""
+    if not data.resolved:  # an upload: checked again once the API has looked up its shape
+        return
     sizes = [data.input_dim, *(layer.units for layer in layers)]
     count = sum(2 * a * b + a + b for a, b in zip(sizes, sizes[1:], strict=False))
     if count > MAX_PARAMETERS:
@@ -367,9 +407,10 @@ class SemisupervisedSpec(JobSpecBase):
         if (self.labeled_fraction is None) == (self.labeled_count is None):
             raise ValueError("labeled_fraction: give exactly one of labeled_fraction and "
                              "labeled_count")  # fmt: skip
-        if self.data.dataset not in LABELED_DATASETS:
+        if self.data.resolved and not self.data.labeled:
             raise ValueError(f"data.dataset: {self.data.dataset} has no labels; semisupervised "
-                             f"needs one of {', '.join(sorted(LABELED_DATASETS))}")  # fmt: skip
+                             f"needs labels: {', '.join(sorted(LABELED_DATASETS))} or an upload "
+                             "with y")  # fmt: skip
         if isinstance(self.pretrain, PretrainAutoencoderSpec):
             check_autoencoder(self.pretrain.model, self.pretrain.objective, self.data, "pretrain.")
         else:

@@ -13,6 +13,7 @@ from shared.specs import (
     AnyJobSpec,
     AutoencoderSpec,
     PretrainAutoencoderSpec,
+    PretrainStackedSpec,
     ResourcesSpec,
     StackedSpec,
 )
@@ -26,35 +27,48 @@ class StagePlan:
     kind: StageKind
     needs: tuple[str, ...]
     resources: ResourcesSpec
+    epochs: int
     layer: int | None = None  # index into the layers of a stack
+
+    @property
+    def demand(self) -> dict[str, float]:
+        """What the stage's worker group takes from the cluster."""
+        need = {"CPU": self.resources.workers * self.resources.cpus_per_worker}
+        if self.resources.gpus_per_worker:
+            need["GPU"] = self.resources.workers * self.resources.gpus_per_worker
+        return need
 
 
 def plan_stages(spec: AnyJobSpec) -> list[StagePlan]:
     """Every stage of a job, in an order where each stage comes after what it needs."""
     if isinstance(spec, AutoencoderSpec):
-        return [StagePlan("train", "autoencoder", (), spec.resources)]
+        return [StagePlan("train", "autoencoder", (), spec.resources, spec.training.epochs)]
     if isinstance(spec, StackedSpec):
-        return _stack_plan("", len(spec.layers), spec.finetune is not None, spec.resources)
+        return _stack_plan("", spec, spec.resources)
     pretrain = spec.pretrain
     resources = pretrain.resources or spec.resources
     if isinstance(pretrain, PretrainAutoencoderSpec):
-        stages = [StagePlan("pretrain", "autoencoder", (), resources)]
+        stages = [StagePlan("pretrain", "autoencoder", (), resources, pretrain.training.epochs)]
     else:
-        has_finetune = pretrain.finetune is not None
-        stages = _stack_plan("pretrain-", len(pretrain.layers), has_finetune, resources)
-    stages.append(StagePlan("head", "head", (stages[-1].name,), spec.resources))
+        stages = _stack_plan("pretrain-", pretrain, resources)
+    head_epochs = spec.head.epochs
+    stages.append(StagePlan("head", "head", (stages[-1].name,), spec.resources, head_epochs))
     if spec.baseline:
-        stages.append(StagePlan("baseline", "baseline", (), spec.resources))
+        stages.append(StagePlan("baseline", "baseline", (), spec.resources, head_epochs))
     return stages
 
 
 def _stack_plan(
-    prefix: str, layers: int, finetune: bool, resources: ResourcesSpec
+    prefix: str, stack: StackedSpec | PretrainStackedSpec, resources: ResourcesSpec
 ) -> list[StagePlan]:
     stages: list[StagePlan] = []
-    for i in range(layers):
+    epochs = stack.training.epochs
+    for i in range(len(stack.layers)):
         needs = (stages[-1].name,) if stages else ()
-        stages.append(StagePlan(f"{prefix}layer{i + 1}", "layer", needs, resources, layer=i))
-    if finetune:
-        stages.append(StagePlan(f"{prefix}finetune", "finetune", (stages[-1].name,), resources))
+        stages.append(StagePlan(f"{prefix}layer{i + 1}", "layer", needs, resources, epochs, i))
+    if stack.finetune is not None:
+        needs = (stages[-1].name,)
+        finetune = StagePlan(f"{prefix}finetune", "finetune", needs, resources,
+                             stack.finetune.epochs)  # fmt: skip
+        stages.append(finetune)
     return stages

@@ -1,6 +1,7 @@
 """Storage layout under AETRAIN_STORAGE: where runs, checkpoints and artifacts live.
 
     runs/<job>-<stage>/            Ray Train's run folder (RunConfig(storage_path, name))
+    datasets/<id>.npz              an uploaded dataset, checked, as float32 x and int64 y
     jobs/<job>/attempt-<token>/    artifacts written by the runner that held fencing token <token>
 
 A job's record names the artifact folder of the runner that finished it, so files left by a
@@ -9,7 +10,8 @@ stale runner are never served. Files are looked up only by names from the job's 
 
 from pathlib import Path
 
-from shared.errors import ArtifactNotFound, ResultNotReady
+from shared.datasets import DATASET_ID
+from shared.errors import ArtifactNotFound, DatasetNotFound, ResultNotReady
 from shared.jobs import JobRecord, JobState
 
 ENCODER_FILES = {"torchscript": "encoder.pt", "safetensors": "encoder.safetensors"}
@@ -26,6 +28,20 @@ class Storage:
     @property
     def runs_root(self) -> Path:
         return self.root / "runs"
+
+    @property
+    def datasets_root(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def incoming(self) -> Path:
+        """Uploads being received; nothing here is ever read by a job."""
+        return self.datasets_root / "incoming"
+
+    def dataset_file(self, dataset_id: str) -> Path:
+        if not DATASET_ID.match(dataset_id):  # ids come from our index; never build odd paths
+            raise DatasetNotFound(dataset_id)
+        return self.datasets_root / f"{dataset_id}.npz"
 
     @staticmethod
     def run_name(job_id: str, stage: str) -> str:

@@ -1,6 +1,11 @@
-"""Built-in datasets, the train/validation split and input normalization. No Ray imports."""
+"""Datasets (built-in and uploaded), the train/validation split and input normalization.
+
+No Ray imports. Uploads are read from `datasets/<id>.npz` under the storage root, as checked
+and written by the API (float32 x, int64 y), without pickle.
+"""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sklearn import datasets as sk_datasets
@@ -39,8 +44,18 @@ class Split:
         return int(self.x_train.shape[1])
 
 
-def load_raw(data: DataSpec) -> tuple[np.ndarray, np.ndarray | None]:
-    """The whole dataset as (x, y); y is None for unlabeled data."""
+def load_raw(data: DataSpec, datasets: Path | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The whole dataset as (x, y), one flat row per sample; y is None for unlabeled data.
+
+    `datasets` is the folder of uploads (Storage.datasets_root); only uploads need it.
+    """
+    if data.upload is not None:
+        if datasets is None:
+            raise ValueError(f"dataset {data.dataset} is an upload; no datasets folder given")
+        with np.load(datasets / f"{data.dataset}.npz", allow_pickle=False) as stored:
+            x = stored["x"].reshape(len(stored["x"]), -1).astype(np.float32)
+            y = stored["y"].astype(np.int64) if "y" in stored.files else None
+        return x, y
     if data.dataset == "digits":
         bunch = sk_datasets.load_digits()
         return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
@@ -75,20 +90,22 @@ def fit_normalization(x: np.ndarray, method: str, per_feature: bool = True) -> N
     return Normalization(method, shift.astype(np.float32), scale.astype(np.float32))
 
 
-def build_datasets(data: DataSpec, test_fraction: float = 0.0) -> Split:
+def build_datasets(
+    data: DataSpec, test_fraction: float = 0.0, datasets: Path | None = None
+) -> Split:
     """Seeded (test,) train and validation splits, normalized with training statistics only.
 
     The test split is carved first, so the train/validation split of the rest does not
     depend on whether a test split exists.
     """
-    x, y = load_raw(data)
+    x, y = load_raw(data, datasets)
     index = np.arange(len(x))
     test_idx = None
     if test_fraction > 0:
         index, test_idx = train_test_split(
-            index, test_size=test_fraction, random_state=data.seed, stratify=y
+            index, test_size=test_fraction, random_state=data.seed, stratify=_strata(y)
         )
-    stratify = y[index] if y is not None else None
+    stratify = _strata(y[index]) if y is not None else None
     train_idx, val_idx = train_test_split(
         index, test_size=data.validation_fraction, random_state=data.seed, stratify=stratify
     )
@@ -104,6 +121,13 @@ def build_datasets(data: DataSpec, test_fraction: float = 0.0) -> Split:
         x_test=norm.apply(x[test_idx]) if has_test else None,
         y_test=y[test_idx] if has_test and y is not None else None,
     )
+
+
+def _strata(y: np.ndarray | None) -> np.ndarray | None:
+    """Labels to stratify a split by; an upload may have a class too rare to stratify."""
+    if y is None or np.unique(y, return_counts=True)[1].min() < 2:
+        return None
+    return y
 
 
 def labeled_subset(

@@ -9,12 +9,14 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import ray
 import torch
 
 from shared.errors import LeaseLost
 from shared.jobs import JobRecord, JobState
 from shared.storage import Storage
-from shared.store import Claim, JobStore
+from shared.store import DEFAULT_MAX_TAKEOVERS, Claim, JobStore
+from workers.faults import pause_at
 from workers.lease import LeaseKeeper
 from workers.results import finalize
 from workers.runner import Stopped, StopReason
@@ -32,6 +34,7 @@ class Dispatcher:
         ray_address: str,
         lease_ttl_s: float = 15.0,
         slots: int = 1,
+        max_takeovers: int = DEFAULT_MAX_TAKEOVERS,
         dispatcher_id: str | None = None,
     ) -> None:
         self.store = store
@@ -40,6 +43,7 @@ class Dispatcher:
         self.ray_address = ray_address
         self.lease_ttl_s = lease_ttl_s
         self.slots = slots
+        self.max_takeovers = max_takeovers
         self.id = dispatcher_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
         # The dispatcher evaluates small models beside busy Ray workers; there, torch's
@@ -59,7 +63,7 @@ class Dispatcher:
                 self._register()
                 last_register = time.monotonic()
             self._reap()
-            if len(self._running) >= self.slots:
+            if len(self._running) >= self.slots or not self._cluster_has_room():
                 time.sleep(0.2)
                 continue
             claim = self._claim(block_ms=500)
@@ -83,11 +87,27 @@ class Dispatcher:
 
     def _claim(self, block_ms: int) -> Claim | None:
         try:
-            return self.store.claim(self.id, self.lease_ttl_s, block_ms=block_ms)
+            return self.store.claim(self.id, self.lease_ttl_s, block_ms, self.max_takeovers)
         except Exception:  # Redis down: wait and try again, never die
             log.exception("claim failed; retrying")
             time.sleep(1.0)
             return None
+
+    def _cluster_has_room(self) -> bool:
+        """Take another job only while a stage could start now; an idle dispatcher always may.
+
+        Jobs left in the queue keep their order (priority, then age) for when room appears,
+        rather than sitting claimed behind the running ones.
+        """
+        if not self._running:
+            return True
+        try:
+            used, waiting = self.store.reserved()
+            free_cpus = ray.cluster_resources().get("CPU", 0.0) - used.get("CPU", 0.0)
+        except Exception:  # Redis or Ray unreachable: claiming would fail too
+            log.exception("could not read the cluster's free resources")
+            return False
+        return waiting == 0 and free_cpus > 0
 
     def _reap(self) -> None:
         with self._lock:
@@ -122,7 +142,9 @@ class Dispatcher:
         wiring = Wiring(self.store, self.storage, self.redis_url, self.ray_address)
         graph = StageGraph(wiring, claim, lease, self.stopping)
         try:
+            pause_at("claimed", job.id)
             checkpoints = graph.run()
+            pause_at("finalizing", job.id)
             started = time.monotonic()
             result = self._finalize(claim, checkpoints, graph.seconds)
             log.info("job %s: finalized in %.1f s", job.id, time.monotonic() - started)
@@ -155,7 +177,8 @@ class Dispatcher:
             "start_seconds": sum(s["start"] for s in seconds.values()),
             "fit_seconds": sum(s["fit"] for s in seconds.values()),
         }
-        result = finalize(job, checkpoints, history, self.storage.root / relative, timings)
+        folder = self.storage.root / relative
+        result = finalize(job, checkpoints, history, folder, timings, self.storage.datasets_root)
         return {**result, "folder": relative}
 
     def _finish(self, claim: Claim, state: JobState, **changes: Any) -> JobRecord | None:

@@ -42,6 +42,7 @@ def run_worker(settings: Settings | None = None) -> None:
         ray_address,
         lease_ttl_s=settings.lease_ttl_s,
         slots=settings.dispatcher_slots,
+        max_takeovers=settings.max_takeovers,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -20,10 +20,14 @@ def finalize(
     history: list[dict[str, Any]],
     folder: Path,
     timings: dict[str, float],
+    datasets: Path,
 ) -> dict[str, Any]:
-    """Evaluate the finished job and write its artifacts; returns metrics and names."""
+    """Evaluate the finished job and write its artifacts; returns metrics and names.
+
+    `datasets` is the folder of uploaded datasets (Storage.datasets_root).
+    """
     spec = job.spec
-    split = job_split(spec)
+    split = job_split(spec, datasets)
     writer = ArtifactWriter(folder, split)
     if isinstance(spec, AutoencoderSpec):
         model = build_model(spec.model, spec.data.input_shape, spec.objective.loss)

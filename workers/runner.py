@@ -35,6 +35,19 @@ class StageRun:
     stage: str
     config: dict[str, Any]
     log_path: Path
+    progress_timeout_s: float = 600.0
+
+
+class Stalled(TrainingFailed):
+    """The stage finished no epoch within its progress deadline; its process was killed."""
+
+    def __init__(self, stage: str, seconds: float) -> None:
+        super().__init__(f"no epoch finished in {seconds:.0f} s (the progress deadline, "
+                         "resources.progress_timeout_s): a rank may be hung")  # fmt: skip
+        self.stage, self.seconds = stage, seconds
+
+    def __reduce__(self) -> tuple[type["Stalled"], tuple[str, float]]:
+        return (Stalled, (self.stage, self.seconds))
 
 
 class Stopped(Exception):
@@ -45,13 +58,49 @@ class Stopped(Exception):
         self.reason = reason
 
 
-def _cancel_requested(store: JobStore, job_id: str) -> bool:
+def cancel_requested(store: JobStore, job_id: str) -> bool:
     # Redis down for a moment is not a reason to stop training; the lease keeper decides
     # when the job is really lost.
     try:
         return store.get(job_id).cancel_requested
     except redis.RedisError:
         return False
+
+
+class ProgressWatch:
+    """Cancel requests and the progress deadline of one stage, read from its job record.
+
+    Before the run's first epoch the deadline is longer by `startup_s`: starting Ray workers
+    and loading data is not a stall.
+    """
+
+    def __init__(
+        self, store: JobStore, job_id: str, stage: str, deadline_s: float, startup_s: float = 60.0
+    ) -> None:
+        self.store, self.job_id, self.stage, self.deadline_s = store, job_id, stage, deadline_s
+        self.startup_s = startup_s
+        self.epoch: int | None = None
+        self.seen_progress = False
+        self.progress_at = time.monotonic()
+        self._first_check = True
+
+    def check(self) -> None:
+        """Raise Stopped on a cancel request, Stalled past the deadline without a new epoch."""
+        try:
+            job = self.store.get(self.job_id)
+        except redis.RedisError:  # no news is not a stall: Redis may be back in a moment
+            self.progress_at = time.monotonic()
+            return
+        if job.cancel_requested:
+            raise Stopped(StopReason.CANCELLED)
+        epoch = job.stage(self.stage).epoch
+        if self._first_check:  # an epoch from an earlier run of the stage is not progress
+            self.epoch, self._first_check = epoch, False
+        elif epoch != self.epoch:
+            self.epoch, self.seen_progress, self.progress_at = epoch, True, time.monotonic()
+        limit = self.deadline_s + (0.0 if self.seen_progress else self.startup_s)
+        if time.monotonic() - self.progress_at > limit:
+            raise Stalled(self.stage, time.monotonic() - self.progress_at)
 
 
 def run_stage(
@@ -62,8 +111,8 @@ def run_stage(
 ) -> dict[str, Any]:
     """Run the stage to its end; returns the child's outcome or raises.
 
-    Raises Stopped on cancel or shutdown, LeaseLost when the lease is gone, TrainingFailed when
-    training raised.
+    Raises Stopped on cancel or shutdown, LeaseLost when the lease is gone, Stalled past the
+    progress deadline, TrainingFailed when training raised.
     """
     job_id, token = run.claim.job.id, run.claim.token
     workdir = run.log_path.parent
@@ -83,17 +132,16 @@ def run_stage(
             env=env,
             preexec_fn=die_with_parent,
         )
-    last_cancel_check = time.monotonic()
+    watch = ProgressWatch(store, job_id, run.stage, run.progress_timeout_s)
+    last_check = time.monotonic()
     try:
         while child.poll() is None:
             time.sleep(_POLL_S)
             if lease.lost.is_set():
                 raise LeaseLost(job_id, token)
-            now = time.monotonic()
-            if now - last_cancel_check >= _CANCEL_CHECK_S:
-                if _cancel_requested(store, job_id):
-                    raise Stopped(StopReason.CANCELLED)
-                last_cancel_check = now
+            if time.monotonic() - last_check >= _CANCEL_CHECK_S:
+                watch.check()
+                last_check = time.monotonic()
             if should_stop():
                 raise Stopped(StopReason.SHUTDOWN)
     finally:

@@ -1,8 +1,10 @@
 """Runs the stages of one job as a graph: each stage starts once the stages it needs are done.
 
-Independent stages run at the same time when the cluster has room; a stage that asks for
-more than the whole cluster has fails at once instead of waiting forever. Stages that
-succeeded in an earlier attempt (before a takeover or a restart) are not run again.
+A stage is handed to Ray only once the scheduler in Redis has granted its resources, so
+stages of this and of other jobs share the cluster without holding part of it while they wait;
+independent stages run at the same time when the cluster has room. A stage that asks for more
+than the whole cluster has fails at once instead of waiting forever. Stages that succeeded in
+an earlier attempt (before a takeover or a restart) are not run again.
 """
 
 import logging
@@ -14,19 +16,29 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import redis
 import torch
 
+from shared.errors import LeaseLost
 from shared.jobs import JobRecord, StageState
-from shared.specs import ResourcesSpec
 from shared.stages import StagePlan, plan_stages
 from shared.storage import Storage
 from shared.store import Claim, JobStore
 from workers.checkpoints import load_state
 from workers.lease import LeaseKeeper
-from workers.runner import StageRun, Stopped, StopReason, run_stage
+from workers.runner import (
+    StageRun,
+    Stalled,
+    Stopped,
+    StopReason,
+    cancel_requested,
+    run_stage,
+)
 from workers.tasks import build_task
 
 log = logging.getLogger("aetrain.stages")
+
+_WAIT_POLL_S = 0.3
 
 
 class StageFailed(Exception):
@@ -46,13 +58,6 @@ class Wiring:
     storage: Storage
     redis_url: str
     ray_address: str
-
-
-def demand(resources: ResourcesSpec) -> dict[str, float]:
-    need = {"CPU": resources.workers * resources.cpus_per_worker}
-    if resources.gpus_per_worker:
-        need["GPU"] = resources.workers * resources.gpus_per_worker
-    return need
 
 
 def fits(need: dict[str, float], room: dict[str, float]) -> bool:
@@ -77,51 +82,47 @@ class StageGraph:
         pending = [stage for stage in plan if stage.name not in checkpoints]
         total = ray.cluster_resources()
         for stage in pending:
-            need = demand(stage.resources)
+            need = stage.demand
             if not fits(need, total):
                 raise StageFailed(stage.name, f"asks for {need}, more than the whole cluster "
                                   f"has ({_show(total)}); it would wait forever")  # fmt: skip
-        running: dict[Future[dict[str, Any]], StagePlan] = {}
+        running: dict[Future[str], StagePlan] = {}
         with ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix=job.id) as pool:
             try:
                 while pending or running:
-                    for stage in self._ready(pending, checkpoints, running.values(), total):
-                        self._mark(stage.name, StageState.RUNNING)
-                        running[pool.submit(self._run_stage, stage, dict(checkpoints))] = stage
+                    for stage in [s for s in pending if all(n in checkpoints for n in s.needs)]:
+                        future = pool.submit(self._run_stage, stage, dict(checkpoints), total)
+                        running[future] = stage
                         pending.remove(stage)
                     finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                     for future in finished:
                         stage = running.pop(future)
-                        outcome = future.result()  # raises what the stage raised
-                        checkpoint = checkpoints[stage.name] = outcome["checkpoint"]
-                        result = outcome["result"]
-                        self._mark(stage.name, StageState.SUCCEEDED,
-                                   checkpoint=checkpoint, result=result)  # fmt: skip
+                        checkpoints[stage.name] = future.result()  # raises what the stage raised
             except BaseException:
                 self.job_stopping.set()  # stop the siblings; their Stopped is not the news
                 raise
         return checkpoints
 
-    def _ready(
-        self,
-        pending: list[StagePlan],
-        checkpoints: dict[str, str],
-        running: Any,
-        total: dict[str, float],
-    ) -> list[StagePlan]:
-        """Stages whose inputs exist and that fit beside this job's running stages."""
-        room = dict(total)
-        for stage in running:
-            for kind, amount in demand(stage.resources).items():
-                room[kind] = room.get(kind, 0.0) - amount
-        ready = []
-        for stage in pending:
-            need = demand(stage.resources)
-            if all(n in checkpoints for n in stage.needs) and fits(need, room):
-                ready.append(stage)
-                for kind, amount in need.items():
-                    room[kind] -= amount
-        return ready
+    def _wait_for_resources(self, stage: StagePlan, total: dict[str, float]) -> None:
+        """Wait in line until the scheduler grants the stage's resources (no Ray is touched)."""
+        job_id, need = self.claim.job.id, stage.demand
+        last_cancel_check, answer = 0.0, ""
+        while True:
+            if self.lease.lost.is_set():
+                raise LeaseLost(job_id, self.claim.token)
+            if self._should_stop():
+                raise Stopped(StopReason.SHUTDOWN)
+            if time.monotonic() - last_cancel_check >= 1.0:
+                if cancel_requested(self.wiring.store, job_id):
+                    raise Stopped(StopReason.CANCELLED)
+                last_cancel_check = time.monotonic()
+            try:
+                answer = self.wiring.store.reserve(self.claim, stage.name, need, total)
+            except redis.RedisError:
+                log.exception("job %s stage %s: could not ask for resources", job_id, stage.name)
+            if answer == "granted":
+                return
+            time.sleep(_WAIT_POLL_S)
 
     def _mark(self, name: str, state: StageState, **changes: Any) -> JobRecord:
         def change(job: JobRecord) -> JobRecord:
@@ -134,7 +135,42 @@ class StageGraph:
     def _should_stop(self) -> bool:
         return self.stopping.is_set() or self.job_stopping.is_set()
 
-    def _run_stage(self, stage: StagePlan, inputs: dict[str, str]) -> dict[str, Any]:
+    def _run_stage(self, stage: StagePlan, inputs: dict[str, str], total: dict[str, float]) -> str:
+        """Wait for resources, train, evaluate; the resources are held until the stage is marked."""
+        try:
+            self._wait_for_resources(stage, total)
+            self._mark(stage.name, StageState.RUNNING)
+            outcome = self._train(stage, inputs)
+            self._mark(stage.name, StageState.SUCCEEDED, **outcome)
+            return str(outcome["checkpoint"])
+        finally:
+            try:
+                self.wiring.store.release(self.claim.job.id, stage.name)
+            except redis.RedisError:  # the lease check frees it once the job's lease is over
+                log.exception("job %s stage %s: could not release", self.claim.job.id, stage.name)
+
+    def _run_with_stall_retries(self, stage: StagePlan, run: StageRun) -> dict[str, Any]:
+        """A stalled run is killed and started again (it resumes from its latest checkpoint),
+        at most `max_failures` times; Ray's FailureConfig covers the runs that fail outright."""
+        retries = stage.resources.max_failures
+        for attempt in range(retries + 1):
+            try:
+                return run_stage(self.wiring.store, run, self.lease, self._should_stop)
+            except Stalled as stalled:
+                if attempt == retries:
+                    raise
+                note = f"{stalled}; restarted from its latest checkpoint ({attempt + 1}/{retries})"
+                log.warning("job %s: %s", self.claim.job.id, note)
+                self._warn(note)
+        raise AssertionError("unreachable")
+
+    def _warn(self, note: str) -> None:
+        def change(job: JobRecord) -> JobRecord:
+            return job.model_copy(update={"warnings": [*job.warnings, note]})
+
+        self.wiring.store.update(self.claim.job.id, self.claim.token, change)
+
+    def _train(self, stage: StagePlan, inputs: dict[str, str]) -> dict[str, Any]:
         job, wiring = self.claim.job, self.wiring
         config: dict[str, Any] = {
             "spec": job.spec.model_dump(mode="json"),
@@ -146,13 +182,15 @@ class StageGraph:
             "key_prefix": wiring.store.prefix,
             "ray_address": wiring.ray_address,
             "runs_root": str(wiring.storage.runs_root),
+            "datasets_root": str(wiring.storage.datasets_root),
             "run_name": wiring.storage.run_name(job.id, stage.name),
         }
         logs = wiring.storage.root / "jobs" / job.id / "logs"
         run = StageRun(self.claim, stage.name, config,
-                       logs / f"{stage.name}-attempt-{self.claim.token}.log")  # fmt: skip
+                       logs / f"{stage.name}-attempt-{self.claim.token}.log",
+                       stage.resources.progress_timeout_s)  # fmt: skip
         try:
-            outcome = run_stage(wiring.store, run, self.lease, self._should_stop)
+            outcome = self._run_with_stall_retries(stage, run)
         except Stopped as stopped:
             if stopped.reason is StopReason.SHUTDOWN and self.job_stopping.is_set():
                 raise StageFailed(stage.name, "stopped: another stage of the job failed") from None
@@ -163,7 +201,8 @@ class StageGraph:
             raise StageFailed(stage.name, str(exc)) from exc
         self.seconds[stage.name] = outcome["seconds"]
         started = time.monotonic()
-        result = stage_result(job, stage, outcome["checkpoint"], inputs)
+        datasets = wiring.storage.datasets_root
+        result = stage_result(job, stage, outcome["checkpoint"], inputs, datasets)
         log.info("job %s stage %s: start %.1f s, fit %.1f s, evaluation %.1f s", job.id,
                  stage.name, outcome["seconds"]["start"], outcome["seconds"]["fit"],
                  time.monotonic() - started)  # fmt: skip
@@ -171,10 +210,10 @@ class StageGraph:
 
 
 def stage_result(
-    job: JobRecord, stage: StagePlan, checkpoint: str, inputs: dict[str, str]
+    job: JobRecord, stage: StagePlan, checkpoint: str, inputs: dict[str, str], datasets: Path
 ) -> dict[str, float]:
     """The final metrics of a finished stage, from its checkpoint."""
-    task = build_task(job.spec, stage, inputs)
+    task = build_task(job.spec, stage, inputs, datasets)
     task.model.load_state_dict(load_state(Path(checkpoint))["model"])
     task.model.eval()
     with torch.enable_grad():

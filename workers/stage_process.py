@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import (
     PlacementGroupCleanerCallback,
 )
 
 from shared.specs import parse_job_spec
+from workers.checkpoints import prune_run
 from workers.tasks import checkpoints_to_keep, find_stage
 from workers.train_loop import train_loop_per_worker
 
@@ -58,6 +59,10 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     trainer = StageTrainer(
         train_loop_per_worker,
         train_loop_config=config,
+        # A rank that hangs (SIGSTOP, a dead NIC) is caught by the dispatcher's progress
+        # deadline, which retries the stage; the collective timeout is the backstop that ends
+        # the others' wait if the dispatcher cannot.
+        torch_config=TorchConfig(timeout_s=int(2 * resources.progress_timeout_s)),
         scaling_config=ScalingConfig(
             num_workers=resources.workers,
             use_gpu=resources.gpus_per_worker > 0,
@@ -76,6 +81,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
+    clean_up_checkpoints(config, result, checkpoints_to_keep(spec))
     return {
         "checkpoint": result.checkpoint.path,
         "seconds": {
@@ -83,6 +89,16 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             "fit": time.time() - connected_at,
         },
     }
+
+
+def clean_up_checkpoints(config: dict[str, Any], result: Result, num_to_keep: int) -> None:
+    """Partial checkpoints and extras Ray lost track of go; the run's result never does."""
+    assert result.checkpoint is not None
+    keep = [result.checkpoint.path, *(c.path for c, _ in result.best_checkpoints or [])]
+    try:
+        prune_run(Path(config["runs_root"]) / config["run_name"], keep, num_to_keep)
+    except OSError:  # housekeeping: the stage has its checkpoint, and succeeded
+        traceback.print_exc()
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ The train loop (train_loop.py) is the same for every stage; a Task is what diffe
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,14 +77,19 @@ def find_stage(spec: AnyJobSpec, name: str) -> StagePlan:
     raise ValueError(f"no stage {name!r} in a {spec.kind} job")
 
 
-def job_split(spec: AnyJobSpec) -> Split:
+def job_split(spec: AnyJobSpec, datasets: Path | None) -> Split:
     test_fraction = spec.test_fraction if isinstance(spec, SemisupervisedSpec) else 0.0
-    return build_datasets(spec.data, test_fraction)
+    return build_datasets(spec.data, test_fraction, datasets)
 
 
-def build_task(spec: AnyJobSpec, stage: StagePlan, inputs: dict[str, str]) -> Task:
-    """The task of `stage`; `inputs` maps finished stages to their checkpoints."""
-    split = job_split(spec)
+def build_task(
+    spec: AnyJobSpec, stage: StagePlan, inputs: dict[str, str], datasets: Path | None
+) -> Task:
+    """The task of `stage`; `inputs` maps finished stages to their checkpoints.
+
+    `datasets` is the folder of uploaded datasets (only a job on an upload reads it).
+    """
+    split = job_split(spec, datasets)
     if stage.kind == "autoencoder":
         ae = spec if isinstance(spec, AutoencoderSpec) else _pretrain_autoencoder(spec)
         model = build_model(ae.model, spec.data.input_shape, ae.objective.loss)

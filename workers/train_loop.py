@@ -6,6 +6,9 @@ the stage's Task (tasks.py).
 
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -19,7 +22,13 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from shared.errors import LeaseLost
 from shared.specs import parse_job_spec
 from shared.store import JobStore, connect
-from workers.checkpoints import restore, save_checkpoint, unwrap
+from workers.checkpoints import (
+    latest_valid_checkpoint,
+    restore,
+    save_checkpoint,
+    unwrap,
+    verify,
+)
 from workers.tasks import build_task, find_stage, init_seed
 
 
@@ -50,7 +59,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()  # [ray]
 
     torch.manual_seed(init_seed(spec))  # the same initial weights on every rank
-    task = build_task(spec, find_stage(spec, config["stage"]), config["inputs"])
+    stage = find_stage(spec, config["stage"])
+    task = build_task(spec, stage, config["inputs"], Path(config["datasets_root"]))
     training = task.training
     torch.manual_seed(training.seed + rank)  # per-rank stream for noise and projections
 
@@ -65,11 +75,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(task.model)  # [ray] to device, DDP when world > 1
     optimizer = make_optimizer(model, training.optimizer, training.lr, training.weight_decay)
 
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()  # [ray] set when resuming a run
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            start_epoch = restore(folder, model, optimizer)
+    say = partial(print, flush=True) if rank == 0 else None  # one rank's account is enough
+    start_epoch = resume(config, model, optimizer, say)
 
     store = JobStore(connect(config["redis_url"]), config["key_prefix"]) if rank == 0 else None
     spec_json = spec.model_dump_json()
@@ -102,11 +109,45 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not publish(store, config, epoch, metrics):
                 raise LeaseLost(config["job_id"], config["token"])
         if is_checkpoint:
-            # ray.train.report is a barrier of all ranks and costs ~2 s on Ray's default health
-            # check interval, so it is called only with a checkpoint; metrics go to Redis above.
-            with tempfile.TemporaryDirectory() as tmp:
-                saved = None
-                if rank == 0:
-                    save_checkpoint(tmp, model, optimizer, epoch, spec_json)
-                    saved = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report({"epoch": epoch}, checkpoint=saved)  # [ray]
+            report_checkpoint(rank, model, optimizer, epoch, spec_json)
+    if start_epoch >= training.epochs > 0:
+        # Resumed from the final checkpoint: report it again, as Ray's snapshot may not hold
+        # it (a crash between the copy and the snapshot), and the stage's result is Ray's latest.
+        report_checkpoint(rank, model, optimizer, start_epoch - 1, spec_json)
+
+
+def report_checkpoint(
+    rank: int, model: nn.Module, optimizer: Any, epoch: int, spec_json: str
+) -> None:
+    # ray.train.report is a barrier of all ranks and costs ~2 s on Ray's default health
+    # check interval, so it is called only with a checkpoint; metrics go to Redis.
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = None
+        if rank == 0:
+            save_checkpoint(tmp, model, optimizer, epoch, spec_json)  # manifest last
+            saved = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"epoch": epoch}, checkpoint=saved)  # [ray]
+
+
+def resume(
+    config: dict[str, Any], model: nn.Module, optimizer: Any, say: Callable[[str], None] | None
+) -> int:
+    """Load the newest whole checkpoint of this run, if any; returns the epoch to start from.
+
+    Every rank reads the same files and so picks the same checkpoint. Ray's own pick is
+    only a fallback (a run folder this worker cannot list) and is checked as well.
+    """
+    run_folder = Path(config["runs_root"]) / config["run_name"]
+    folder = latest_valid_checkpoint(run_folder, say)
+    if folder is not None:
+        return restore(folder, model, optimizer)
+    checkpoint = ray.train.get_checkpoint()  # [ray] set when resuming a run
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ray_folder:
+            if verify(ray_folder):
+                if say:
+                    say(f"resume: from Ray's checkpoint {checkpoint.path}")
+                return restore(ray_folder, model, optimizer)
+            if say:
+                say(f"resume: skipped Ray's checkpoint {checkpoint.path}: not whole")
+    return 0

@@ -1,16 +1,19 @@
 """/v1/jobs: submit, list, read, cancel; results, artifacts and the encoder."""
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.deps import StorageDep, StoreDep, TenantDep
-from shared.errors import ResultNotReady
+from shared.errors import DatasetNotFound, ResultNotReady
 from shared.jobs import JobRecord, JobState
-from shared.specs import JobSpec
+from shared.specs import BUILTIN_DATASETS, AnyJobSpec, JobSpec, parse_job_spec
 from shared.storage import ENCODER_FILES
+from shared.store import JobStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -29,16 +32,43 @@ class JobResult(BaseModel):
 @router.post("", status_code=status.HTTP_201_CREATED)
 def submit_job(
     spec: JobSpec,
+    request: Request,
     store: StoreDep,
     tenant: TenantDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobRecord:
     """Validate and enqueue a job; a retried Idempotency-Key returns the first job (200)."""
-    job, created = store.submit(JobRecord.for_spec(spec, tenant), idempotency_key)
+    spec = with_upload(spec, store, tenant)
+    max_open = request.app.state.settings.max_open_jobs
+    job, created = store.submit(JobRecord.for_spec(spec, tenant), idempotency_key, max_open)
     if not created:
         response.status_code = status.HTTP_200_OK
     return job
+
+
+def with_upload(spec: AnyJobSpec, store: JobStore, tenant: str) -> AnyJobSpec:
+    """The spec with what the workers need to know of the uploaded dataset it names.
+
+    Checks that need the dataset's shape (sizes, conv on images, labels) run again here.
+    """
+    if spec.data.dataset in BUILTIN_DATASETS:
+        return spec
+    loc = ("body", "data", "dataset")
+    try:
+        upload = store.get_dataset(tenant, spec.data.dataset).as_upload()
+    except DatasetNotFound:
+        error = {"loc": loc, "msg": f"no uploaded dataset {spec.data.dataset!r}",
+                 "type": "value_error"}  # fmt: skip
+        raise RequestValidationError([error]) from None
+    document = spec.model_dump(mode="json")
+    document["data"]["upload"] = upload.model_dump(mode="json")
+    try:
+        return parse_job_spec(document)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+        ) from None
 
 
 @router.get("")
@@ -121,16 +151,42 @@ def interpolate_codes(
     )
 
 
-@router.get("/{job_id}/artifacts/{name}")
+# Set, not guessed: mimetypes takes .pt for a SNES page table and calls the rest text/plain.
+_MEDIA_TYPES = {".json": "application/json", ".png": "image/png", ".jsonl": "application/x-ndjson"}
+_BINARY = "application/octet-stream"
+_FILE_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
+
+
+def _download(path: Path, filename: str) -> FileResponse:
+    return FileResponse(path, filename=filename, media_type=_MEDIA_TYPES.get(path.suffix, _BINARY))
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "the file: JSON, JSON lines, PNG, or binary (weights, arrays)",
+            "content": {
+                **dict.fromkeys([*_MEDIA_TYPES.values(), _BINARY], _FILE_SCHEMA),
+                "application/json": {"schema": {}},  # result.json, model.json: any JSON
+            },
+        }
+    },
+)
 def get_artifact(
     job_id: str, name: str, store: StoreDep, storage: StorageDep, tenant: TenantDep
 ) -> FileResponse:
     """One artifact, by a name from the job's artifact list."""
     path = storage.artifact_path(store.get(job_id, tenant), name)
-    return FileResponse(path, filename=path.name)
+    return _download(path, path.name)
 
 
-@router.get("/{job_id}/encoder")
+@router.get(
+    "/{job_id}/encoder",
+    response_class=FileResponse,
+    responses={200: {"description": "the encoder file", "content": {_BINARY: _FILE_SCHEMA}}},
+)
 def get_encoder(
     job_id: str,
     store: StoreDep,
@@ -140,4 +196,4 @@ def get_encoder(
 ) -> FileResponse:
     """The trained encoder: TorchScript (`torch.jit.load`) or safetensors weights."""
     path = storage.artifact_path(store.get(job_id, tenant), ENCODER_FILES[format])
-    return FileResponse(path, filename=f"{job_id}-{path.name}")
+    return _download(path, f"{job_id}-{path.name}")

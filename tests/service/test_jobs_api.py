@@ -15,7 +15,7 @@ from tests.specs import digits_spec, set_field
 
 
 def queued_messages(store: JobStore) -> int:
-    return int(store.redis.xlen(store.queue_key)) if store.redis.exists(store.queue_key) else 0
+    return len(store.queued_ids())
 
 
 def test_submit_returns_the_queued_record(client: TestClient, store: JobStore) -> None:
@@ -194,3 +194,17 @@ def test_redis_down_is_503_not_500(tmp_path: Any) -> None:
         assert "Redis" in response.json()["detail"]
         assert down.post("/v1/jobs", json=digits_spec()).status_code == 503
         assert down.get("/readyz").status_code == 503
+
+
+def test_a_tenant_past_its_open_job_limit_gets_429_with_retry_after(
+    settings: Settings, store: JobStore
+) -> None:
+    limited = settings.model_copy(update={"max_open_jobs": 2})
+    with TestClient(create_app(limited)) as client:
+        ids = [client.post("/v1/jobs", json=digits_spec()).json()["id"] for _ in range(2)]
+        refused = client.post("/v1/jobs", json=digits_spec())
+        assert refused.status_code == 429
+        assert refused.headers["Retry-After"] == "30" and "limit" in refused.json()["detail"]
+        assert queued_messages(store) == 2
+        client.post(f"/v1/jobs/{ids[0]}/cancel")
+        assert client.post("/v1/jobs", json=digits_spec()).status_code == 201

@@ -10,13 +10,18 @@ import pytest
 import shared.errors
 from shared.errors import (
     ArtifactNotFound,
+    DatasetInvalid,
+    DatasetNotFound,
     IdempotencyConflict,
     InvalidTransition,
     JobNotFound,
     LeaseLost,
     ResultNotReady,
+    TooManyJobs,
     TrainingFailed,
     TrainServiceError,
+    Unauthenticated,
+    UploadTooLarge,
 )
 from shared.jobs import (
     STAGE_TRANSITIONS,
@@ -239,6 +244,11 @@ ERRORS: list[TrainServiceError] = [
     ArtifactNotFound("j0001", "../x"),
     IdempotencyConflict("key-1"),
     TrainingFailed("worker 1 died: CUDA error"),
+    DatasetNotFound("ds-0123"),
+    DatasetInvalid("x", "3 values are NaN"),
+    UploadTooLarge(1024),
+    Unauthenticated(),
+    TooManyJobs("acme", 100),
 ]
 
 

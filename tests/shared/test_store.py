@@ -6,10 +6,16 @@ from typing import Any, cast
 
 import pytest
 
-from shared.errors import IdempotencyConflict, InvalidTransition, JobNotFound, LeaseLost
+from shared.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    JobNotFound,
+    LeaseLost,
+    TooManyJobs,
+)
 from shared.jobs import JobRecord, JobState, StageState
 from shared.specs import parse_job_spec
-from shared.store import GROUP, Claim, JobStore, connect
+from shared.store import Claim, JobStore, connect
 from tests.specs import digits_spec
 
 LONG_LEASE_S = 30.0
@@ -34,11 +40,12 @@ def claim(store: JobStore, consumer: str = "c1", lease_ttl_s: float = LONG_LEASE
 
 
 def queue_length(store: JobStore) -> int:
-    return int(store.redis.xlen(store.queue_key))
+    return int(store.redis.zcard(store.queue_key))
 
 
 def pending(store: JobStore) -> int:
-    return int(store.redis.xpending(store.queue_key, GROUP)["pending"])
+    """Jobs claimed and not finished: the ones a takeover would look at."""
+    return int(store.redis.scard(store.active_key))
 
 
 def raw(store: JobStore, job_id: str) -> str | None:
@@ -47,10 +54,6 @@ def raw(store: JobStore, job_id: str) -> str | None:
 
 def lease(store: JobStore, job_id: str) -> str | None:
     return cast(str | None, store.redis.get(f"{store.prefix}:lease:{job_id}"))
-
-
-def queue_messages(store: JobStore) -> list[tuple[str, dict[str, str]]]:
-    return cast(list[tuple[str, dict[str, str]]], store.redis.xrange(store.queue_key))
 
 
 # -- submission and reads ---------------------------------------------------------------------
@@ -75,11 +78,31 @@ def test_get_of_an_unknown_job_or_another_tenants_job_is_not_found(store: JobSto
     assert store.get(job.id, tenant="acme").id == job.id
 
 
-def test_submit_enqueues_exactly_one_message_naming_the_job(store: JobStore) -> None:
+def test_submit_enqueues_the_job_exactly_once(store: JobStore) -> None:
     job = submitted(store)
-    messages = queue_messages(store)
-    assert len(messages) == 1
-    assert messages[0][1] == {"job_id": job.id}
+    assert store.queued_ids() == [job.id]
+
+
+def test_jobs_start_by_priority_then_submission_time(store: JobStore) -> None:
+    jobs = []
+    for priority in [0, 5, 0, 9, 5]:
+        job = JobRecord.for_spec(parse_job_spec({**digits_spec(), "priority": priority}))
+        jobs.append(store.submit(job)[0])
+        time.sleep(0.002)  # ids carry the submission time in milliseconds
+    by_priority = [jobs[3], jobs[1], jobs[4], jobs[0], jobs[2]]
+    assert store.queued_ids() == [j.id for j in by_priority]
+    claimed = [claim(store).job.id for _ in jobs]
+    assert claimed == [j.id for j in by_priority]
+    assert queue_length(store) == 0 and pending(store) == len(jobs)
+
+
+def test_a_job_given_back_keeps_its_place_before_younger_jobs(store: JobStore) -> None:
+    first = submitted(store)
+    got = claim(store)
+    time.sleep(0.002)
+    younger = submitted(store)
+    store.give_back(got, "shutdown")
+    assert store.queued_ids() == [first.id, younger.id]
 
 
 def test_same_idempotency_key_and_spec_returns_the_first_job(store: JobStore) -> None:
@@ -220,8 +243,6 @@ def test_concurrent_claims_of_one_job_have_exactly_one_winner(
 ) -> None:
     submitted(store)
     stores = [JobStore(connect(redis_url), store.prefix) for _ in range(4)]
-    for s in stores:
-        s.ensure_group()
     barrier = threading.Barrier(len(stores))
     results: list[Claim | None] = [None] * len(stores)
 
@@ -240,7 +261,7 @@ def test_concurrent_claims_of_one_job_have_exactly_one_winner(
     assert len(winners) == 1
 
 
-def test_claim_of_a_job_cancelled_while_queued_returns_none_and_acks(store: JobStore) -> None:
+def test_claim_of_a_job_cancelled_while_queued_returns_none(store: JobStore) -> None:
     job = submitted(store)
     cancelled = store.request_cancel(job.id)
     assert cancelled.state is JobState.CANCELLED
@@ -284,7 +305,7 @@ def test_update_and_finish_with_a_stale_token_change_nothing(store: JobStore) ->
     job = submitted(store)
     got = claim(store)
     before = raw(store, job.id)
-    stale = Claim(job=got.job, token=got.token + 1, message_id=got.message_id)
+    stale = Claim(job=got.job, token=got.token + 1)
 
     with pytest.raises(LeaseLost) as info:
         store.update(job.id, stale.token, lambda j: j.with_stage("train", StageState.RUNNING))
@@ -297,7 +318,7 @@ def test_update_and_finish_with_a_stale_token_change_nothing(store: JobStore) ->
     assert raw(store, job.id) == before
     assert lease(store, job.id) == str(got.token)
     assert pending(store) == 1
-    assert queue_length(store) == 1
+    assert queue_length(store) == 0
 
 
 def test_an_expired_lease_is_taken_over_and_fences_the_first_runner(store: JobStore) -> None:
@@ -309,7 +330,6 @@ def test_an_expired_lease_is_taken_over_and_fences_the_first_runner(store: JobSt
     second = claim(store, "c2", SHORT_LEASE_S)
     assert second.job.id == job.id
     assert second.token > first.token
-    assert second.message_id == first.message_id
     record = store.get(job.id)
     assert record.state is JobState.RUNNING
     assert record.attempts == 2
@@ -328,7 +348,7 @@ def test_an_expired_lease_is_taken_over_and_fences_the_first_runner(store: JobSt
     assert pending(store) == 0
 
 
-def test_finish_to_a_terminal_state_releases_the_lease_and_acks(store: JobStore) -> None:
+def test_finish_to_a_terminal_state_releases_the_lease(store: JobStore) -> None:
     job = submitted(store)
     got = claim(store)
     assert pending(store) == 1
@@ -340,7 +360,7 @@ def test_finish_to_a_terminal_state_releases_the_lease_and_acks(store: JobStore)
     stored = store.get(job.id)
     assert stored.state is JobState.SUCCEEDED and stored.result == result
     assert stored.stages[0].state is StageState.SKIPPED  # never started by a runner
-    # the acked message is not delivered again
+    # a finished job is not handed out again
     assert store.claim("c2", 0.01, block_ms=BLOCK_MS) is None
 
 
@@ -440,7 +460,7 @@ def test_metrics_history_keeps_the_latest_run_per_epoch_after_a_resume(store: Jo
     assert store.get(job.id).epoch == 3
 
 
-def test_give_back_requeues_a_running_job_with_a_new_message(store: JobStore) -> None:
+def test_give_back_requeues_a_running_job(store: JobStore) -> None:
     job = submitted(store)
     got = claim(store)
     back = store.give_back(got, "dispatcher shutting down")
@@ -449,12 +469,10 @@ def test_give_back_requeues_a_running_job_with_a_new_message(store: JobStore) ->
     assert back.finished_at is None
     assert lease(store, job.id) is None
     assert pending(store) == 0
-    messages = queue_messages(store)
-    assert len(messages) == 2 and messages[-1][1] == {"job_id": job.id}
+    assert store.queued_ids() == [job.id]
 
     again = claim(store, "c2")
     assert again.job.id == job.id
-    assert again.message_id == messages[-1][0] != got.message_id
     assert again.token > got.token
     assert again.job.state is JobState.RUNNING and again.job.attempts == 2
     assert again.job.started_at == got.job.started_at
@@ -470,3 +488,102 @@ def test_give_back_of_a_cancel_requested_job_cancels_it_on_the_next_claim(
     assert store.claim("c2", LONG_LEASE_S, block_ms=BLOCK_MS) is None
     assert store.get(job.id).state is JobState.CANCELLED
     assert pending(store) == 0
+
+
+# -- the scheduler ----------------------------------------------------------------------------
+
+CLUSTER = {"CPU": 2.0, "memory": 1e9}
+
+
+def claimed_jobs(
+    store: JobStore, priorities: list[int], lease_s: float = LONG_LEASE_S
+) -> list[Claim]:
+    for priority in priorities:
+        store.submit(JobRecord.for_spec(parse_job_spec({**digits_spec(), "priority": priority})))
+        time.sleep(0.002)
+    return [claim(store, lease_ttl_s=lease_s) for _ in priorities]
+
+
+def test_stages_are_granted_while_they_fit_and_a_big_one_waits_for_room(store: JobStore) -> None:
+    a, b, c = claimed_jobs(store, [0, 0, 0])
+    assert store.reserve(a, "train", {"CPU": 1}, CLUSTER) == "granted"
+    assert store.reserve(b, "train", {"CPU": 1}, CLUSTER) == "granted"
+    assert store.reserved() == ({"CPU": 2.0}, 0)
+    assert store.reserve(c, "train", {"CPU": 2}, CLUSTER) == "no room"
+    store.release(a.job.id, "train")
+    assert store.reserve(c, "train", {"CPU": 2}, CLUSTER) == "no room"
+    store.release(b.job.id, "train")
+    assert store.reserve(c, "train", {"CPU": 2}, CLUSTER) == "granted"
+    assert store.reserved() == ({"CPU": 2.0}, 0)
+
+
+def test_a_waiting_stage_is_not_overtaken_by_a_younger_small_one(store: JobStore) -> None:
+    a, big, small = claimed_jobs(store, [0, 0, 0])
+    assert store.reserve(a, "train", {"CPU": 1}, CLUSTER) == "granted"
+    assert store.reserve(big, "train", {"CPU": 2}, CLUSTER) == "no room"
+    # one CPU is free, but the older stage asked first: no starvation of big stages
+    assert store.reserve(small, "train", {"CPU": 1}, CLUSTER) == "behind"
+    assert store.reserved() == ({"CPU": 1.0}, 2)
+    store.release(a.job.id, "train")
+    assert store.reserve(small, "train", {"CPU": 1}, CLUSTER) == "behind"
+    assert store.reserve(big, "train", {"CPU": 2}, CLUSTER) == "granted"
+
+
+def test_a_higher_priority_ask_goes_first(store: JobStore) -> None:
+    by_priority = {c.job.spec.priority: c for c in claimed_jobs(store, [9, 0, 5])}
+    first, low, high = by_priority[9], by_priority[0], by_priority[5]
+    assert store.reserve(first, "train", {"CPU": 2}, CLUSTER) == "granted"
+    assert store.reserve(low, "train", {"CPU": 1}, CLUSTER) == "no room"
+    assert store.reserve(high, "train", {"CPU": 1}, CLUSTER) == "no room"  # first in line now
+    store.release(first.job.id, "train")
+    assert store.reserve(low, "train", {"CPU": 1}, CLUSTER) == "behind"
+    assert store.reserve(high, "train", {"CPU": 1}, CLUSTER) == "granted"
+
+
+def test_resources_of_a_runner_whose_lease_expired_come_back(store: JobStore) -> None:
+    (dead,) = claimed_jobs(store, [0], lease_s=SHORT_LEASE_S)
+    assert store.reserve(dead, "train", {"CPU": 2}, CLUSTER) == "granted"
+    assert store.reserved() == ({"CPU": 2.0}, 0)
+    time.sleep(SHORT_LEASE_S + 0.3)
+    assert store.reserved() == ({}, 0)
+    # the job's next runner holds a new token; the old grant does not count for it either
+    again = claim(store, lease_ttl_s=LONG_LEASE_S)
+    assert again.job.id == dead.job.id
+    assert store.reserve(again, "train", {"CPU": 2}, CLUSTER) == "granted"
+
+
+# -- limits: poison jobs and per-tenant quotas ------------------------------------------------
+
+
+def test_a_job_whose_runner_keeps_dying_fails_after_max_takeovers(store: JobStore) -> None:
+    job = submitted(store)
+    tokens = [store.claim("c0", SHORT_LEASE_S, BLOCK_MS, max_takeovers=2)]
+    for i in range(1, 3):  # each runner dies: no heartbeat, the lease runs out
+        time.sleep(SHORT_LEASE_S + 0.2)
+        tokens.append(store.claim(f"c{i}", SHORT_LEASE_S, BLOCK_MS, max_takeovers=2))
+    assert all(t is not None for t in tokens)
+    assert store.get(job.id).takeovers == 2
+    time.sleep(SHORT_LEASE_S + 0.2)
+    assert store.claim("c3", SHORT_LEASE_S, BLOCK_MS, max_takeovers=2) is None
+    failed = store.get(job.id)
+    assert failed.state is JobState.FAILED and "gave up after 3 runs" in (failed.error or "")
+    assert pending(store) == 0 and queue_length(store) == 0
+    # the next job is not held up by it
+    other = submitted(store)
+    assert claim(store).job.id == other.id
+
+
+def test_a_tenant_at_its_limit_of_open_jobs_is_refused_until_one_ends(store: JobStore) -> None:
+    first = store.submit(new_job("acme"), max_open=2)[0]
+    store.submit(new_job("acme"), "key-2", max_open=2)
+    with pytest.raises(TooManyJobs):
+        store.submit(new_job("acme"), max_open=2)
+    # a retry with a known idempotency key is not a new job, and other tenants are not limited
+    assert store.submit(new_job("acme"), "key-2", max_open=2)[1] is False
+    assert store.submit(new_job("zeta"), max_open=2)[1] is True
+    got = claim(store)
+    assert got.job.id == first.id
+    with pytest.raises(TooManyJobs):  # running counts too
+        store.submit(new_job("acme"), max_open=2)
+    store.finish(got, JobState.SUCCEEDED)
+    assert store.submit(new_job("acme"), max_open=2)[1] is True

@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,16 @@ print(tuple(codes.shape), leaked)
 
 
 def make_dispatcher(
-    store: JobStore, storage: Storage, settings: Settings, ray_address: str, name: str = "d1"
+    store: JobStore,
+    storage: Storage,
+    settings: Settings,
+    ray_address: str,
+    name: str = "d1",
+    slots: int = 1,
 ) -> Dispatcher:
     return Dispatcher(
         store, storage, settings.require_redis_url(), ray_address,
-        lease_ttl_s=10.0, dispatcher_id=name,
+        lease_ttl_s=10.0, slots=slots, dispatcher_id=name,
     )  # fmt: skip
 
 
@@ -180,4 +186,38 @@ def test_two_dispatchers_run_each_of_six_jobs_exactly_once(
         assert len(tokens) == 1, tokens  # every epoch came from one run
         attempts = sorted(p.name for p in (storage.root / "jobs" / job["id"]).glob("attempt-*"))
         assert len(attempts) == 1
-    assert store.redis.xpending(store.queue_key, "dispatchers")["pending"] == 0
+    assert store.queued_ids() == [] and store.redis.scard(store.active_key) == 0
+
+
+def test_stages_of_two_jobs_share_the_cluster_and_a_two_worker_stage_waits_for_both(
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
+) -> None:
+    assert ray.cluster_resources()["CPU"] == 2
+    ids = []
+    for workers in (1, 1, 2):
+        response = client.post("/v1/jobs", json=digits_spec(epochs=3, workers=workers))
+        ids.append(response.json()["id"])
+        time.sleep(0.002)  # distinct submission times keep the order a, b, then the big one
+    dispatcher = make_dispatcher(store, storage, settings, ray_address, slots=3)
+    thread = threading.Thread(target=dispatcher.run_forever, daemon=True)
+    thread.start()
+    try:
+
+        def all_finished() -> list[dict[str, Any]] | None:
+            jobs = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+            return jobs if all(j["state"] in {"succeeded", "failed"} for j in jobs) else None
+
+        jobs = wait_for(all_finished, 200, "three jobs to finish")
+    finally:
+        dispatcher.stop()
+        thread.join(timeout=60)
+    assert [j["state"] for j in jobs] == ["succeeded"] * 3, [j["error"] for j in jobs]
+    spans = []
+    for job in jobs:
+        (stage,) = job["stages"]
+        spans.append((datetime.fromisoformat(stage["started_at"]),
+                      datetime.fromisoformat(stage["finished_at"])))  # fmt: skip
+    (a_start, a_end), (b_start, b_end), (big_start, _) = spans
+    assert max(a_start, b_start) < min(a_end, b_end), spans  # the two 1-worker stages overlap
+    assert big_start >= max(a_end, b_end), spans  # the 2-worker stage waited for both
+    assert store.reserved() == ({}, 0)

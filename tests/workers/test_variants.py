@@ -1,11 +1,13 @@
 """Every objective in one job through the real path, then its pictures and interpolation."""
 
 import io
+import json
 
 import matplotlib.image
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sklearn.datasets import load_digits
 
 from shared.settings import Settings
 from shared.storage import Storage
@@ -70,3 +72,23 @@ def test_a_job_with_every_objective_reports_pictures_and_interpolates(
     too_far = client.post(path, json={"a": 0, "b": 10_000})
     assert too_far.status_code == 422 and too_far.json()["detail"][0]["field"] == "b"
     assert client.post(path, json={"a": 0, "b": 1, "steps": 1}).status_code == 422
+
+
+def test_a_conv_job_trains_on_an_uploaded_image_dataset(
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
+) -> None:
+    bunch = load_digits()
+    body = io.BytesIO()
+    np.savez(body, x=bunch.images[:400], y=bunch.target[:400])  # (n, h, w) float64 images
+    dataset = client.post("/v1/datasets", content=body.getvalue()).json()["id"]
+    spec = {**EVERYTHING, "data": {"dataset": dataset}, "objective": {"loss": "mse"}}
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    Dispatcher(store, storage, settings.require_redis_url(), ray_address).run_once(block_ms=2000)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "succeeded", job["error"]
+    metrics = client.get(f"/v1/jobs/{job_id}/result").json()["metrics"]
+    assert 0 < metrics["val_mse"] < 1.5 * metrics["pca_val_mse"] + 1.0
+    model = json.loads(client.get(f"/v1/jobs/{job_id}/artifacts/model.json").content)
+    assert model["input_shape"] == [1, 8, 8] and model["arch"] == "conv"
+    line = client.post(f"/v1/jobs/{job_id}/interpolate", json={"a": 0, "b": 1, "steps": 3})
+    assert np.array(line.json()["outputs"]).shape == (3, 64)

@@ -1,0 +1,100 @@
+"""/v1/datasets: upload a dataset (.npy or .npz, raw bytes), list and describe uploads."""
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+
+from service.deps import StorageDep, StoreDep, TenantDep
+from service.uploads import ReceivedFile, label_counts, load_arrays, receive, save_dataset
+from shared.datasets import DatasetInfo, dataset_id
+from shared.errors import DatasetInvalid, UploadTooLarge
+from shared.specs import BUILTIN_DATASETS
+from shared.storage import Storage
+from shared.store import JobStore
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+_FILE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetInfo]
+    builtin: list[str]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, openapi_extra=_FILE_BODY)
+async def upload_dataset(
+    request: Request,
+    store: StoreDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+    response: Response,
+    name: Annotated[str, Query(max_length=100, pattern=r"^[A-Za-z0-9_.\- ]*$")] = "",
+) -> DatasetInfo:
+    """Upload an .npy (x) or .npz (x, optional integer labels y) as the raw request body.
+
+    The same bytes give the same id (200 the second time). x may be (n, features), or images
+    (n, h, w) / (n, c, h, w) for the conv architecture; it is stored as float32.
+    """
+    settings = request.app.state.settings
+    if request.headers.get("content-type", "").startswith("multipart/"):
+        raise DatasetInvalid("file", "send the file's raw bytes (curl --data-binary @file.npz), "
+                             "not a multipart form")  # fmt: skip
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
+        raise UploadTooLarge(settings.max_upload_bytes)
+    received = await receive(request.stream(), storage.incoming, settings.max_upload_bytes)
+    try:
+        info, created = await run_in_threadpool(
+            _store_upload, store, storage, tenant, received, name, settings.max_dataset_bytes
+        )
+    finally:
+        received.path.unlink(missing_ok=True)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return info
+
+
+def _store_upload(
+    store: JobStore,
+    storage: Storage,
+    tenant: str,
+    received: ReceivedFile,
+    name: str,
+    max_bytes: int,
+) -> tuple[DatasetInfo, bool]:
+    arrays = load_arrays(received.path, max_bytes)
+    info = DatasetInfo(
+        id=dataset_id(received.sha256),
+        name=name or "upload",
+        shape=arrays.x.shape,
+        dtype=arrays.dtype,
+        label_counts=label_counts(arrays.y),
+        size_bytes=received.size,
+        sha256=received.sha256,
+        created_at=datetime.now(UTC),
+    )
+    target = storage.dataset_file(info.id)
+    if not target.exists():
+        save_dataset(arrays, target)
+    return store.add_dataset(tenant, info)
+
+
+@router.get("")
+def list_datasets(store: StoreDep, tenant: TenantDep) -> DatasetList:
+    """The caller's uploads, newest first, and the names of the built-in datasets."""
+    return DatasetList(items=store.list_datasets(tenant), builtin=sorted(BUILTIN_DATASETS))
+
+
+@router.get("/{dataset_id}")
+def get_dataset(dataset_id: str, store: StoreDep, tenant: TenantDep) -> DatasetInfo:
+    """Shape, dtype and label counts of one upload."""
+    return store.get_dataset(tenant, dataset_id)

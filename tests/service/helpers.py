@@ -1,0 +1,62 @@
+"""Service-test helpers: a succeeded job as the dispatcher leaves it, and a real HTTP server."""
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from shared.jobs import JobRecord, JobState
+from shared.specs import parse_job_spec
+from shared.storage import Storage
+from shared.store import JobStore
+from tests.conftest import free_port
+from tests.specs import digits_spec
+
+ARTIFACTS = ["encoder.pt", "encoder.safetensors", "model.json", "result.json"]
+
+
+def artifact_bytes(job_id: str, name: str) -> bytes:
+    if name.endswith(".json"):  # served as application/json, so it must be JSON
+        return json.dumps({"artifact": name, "job": job_id}).encode()
+    return f"artifact {name} of {job_id}".encode()
+
+
+def succeeded_job(
+    store: JobStore, storage: Storage, tenant: str = "default", artifacts: list[str] = ARTIFACTS
+) -> JobRecord:
+    """Submitted, claimed, finished with real files. Call it while nothing else is queued: it
+    claims the head of the queue."""
+    job, created = store.submit(JobRecord.for_spec(parse_job_spec(digits_spec()), tenant=tenant))
+    assert created
+    claim = store.claim("test-runner", lease_ttl_s=30.0, block_ms=50)
+    assert claim is not None and claim.job.id == job.id
+    folder = storage.attempt_folder(job.id, claim.token)
+    (storage.root / folder).mkdir(parents=True)
+    for name in artifacts:
+        (storage.root / folder / name).write_bytes(artifact_bytes(job.id, name))
+    result = {"artifacts": artifacts, "folder": folder, "metrics": {"val_mse": 0.01}}
+    return store.finish(claim, JobState.SUCCEEDED, result=result)
+
+
+@contextmanager
+def serve(app: ASGIApp) -> Iterator[str]:
+    """`app` behind a real uvicorn on a free port (in a thread); yields its base URL.
+
+    For requests that an in-process client would rewrite (httpx removes `../` segments)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -1,0 +1,267 @@
+"""Dataset uploads over HTTP against a real Redis: the happy path, jobs that name an upload,
+and hostile files, each of which must get a 4xx and leave nothing behind."""
+
+import io
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sklearn.datasets import load_digits
+
+from service.app import create_app
+from shared.settings import Settings
+from shared.storage import Storage
+from shared.store import JobStore
+from tests.specs import digits_spec
+
+pytestmark = pytest.mark.timeout(60)
+
+SMALL_CAP = 64 * 1024
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+    bunch = load_digits()
+    return bunch.images[:300].astype(np.float32), bunch.target[:300].astype(np.int64)
+
+
+def upload(client: TestClient, body: bytes | Iterator[bytes], name: str = "") -> Any:
+    params = {"name": name} if name else {}
+    return client.post("/v1/datasets", content=body, params=params,
+                       headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@pytest.fixture
+def capped_client(settings: Settings, store: JobStore) -> Iterator[TestClient]:
+    capped = settings.model_copy(update={"max_upload_bytes": SMALL_CAP})
+    with TestClient(create_app(capped)) as test_client:
+        yield test_client
+
+
+def test_an_npz_upload_is_checked_described_and_content_addressed(
+    client: TestClient, storage: Storage
+) -> None:
+    x, y = digits_images()
+    body = npz_bytes(x=x, y=y)
+    response = upload(client, body, name="digits images")
+    assert response.status_code == 201, response.text
+    info = response.json()
+    assert info["id"].startswith("ds-") and info["name"] == "digits images"
+    assert info["shape"] == [300, 8, 8] and info["dtype"] == "float32"
+    assert info["size_bytes"] == len(body)
+    expected = {str(k): int(v) for k, v in zip(*np.unique(y, return_counts=True), strict=True)}
+    assert info["label_counts"] == expected
+
+    again = upload(client, body, name="another name")
+    assert again.status_code == 200 and again.json() == info  # same bytes, same dataset
+    other = upload(client, npz_bytes(x=x[:-1], y=y[:-1]))
+    assert other.status_code == 201 and other.json()["id"] != info["id"]
+
+    assert client.get(f"/v1/datasets/{info['id']}").json() == info
+    listing = client.get("/v1/datasets").json()
+    assert [d["id"] for d in listing["items"]] == [other.json()["id"], info["id"]]
+    assert "digits" in listing["builtin"]
+    stored = np.load(storage.dataset_file(info["id"]), allow_pickle=False)
+    np.testing.assert_array_equal(stored["x"], x)
+    np.testing.assert_array_equal(stored["y"], y)
+    assert files_under(storage.incoming) == []
+
+
+def test_an_npy_upload_has_no_labels(client: TestClient) -> None:
+    x = np.random.default_rng(0).integers(0, 255, size=(50, 12)).astype(np.uint8)
+    info = upload(client, npy_bytes(x)).json()
+    assert info["shape"] == [50, 12] and info["dtype"] == "uint8"
+    assert info["label_counts"] is None
+
+
+def test_an_unknown_dataset_id_is_404(client: TestClient) -> None:
+    assert client.get("/v1/datasets/ds-000000000000000000000000").status_code == 404
+    assert client.get("/v1/datasets/..%2F..%2Fetc%2Fpasswd").status_code == 404
+
+
+def test_uploads_belong_to_their_tenant(client: TestClient, store: JobStore) -> None:
+    x, y = digits_images()
+    info = upload(client, npz_bytes(x=x, y=y)).json()
+    assert store.get_dataset("default", info["id"]).id == info["id"]
+    assert store.list_datasets("someone-else") == []
+
+
+def huge_npy_header() -> bytes:
+    """A valid .npy header that declares 10^12 x 10 float64 values, followed by 80 bytes."""
+    buffer = io.BytesIO()
+    header = {"descr": "<f8", "fortran_order": False, "shape": (10**12, 10)}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + b"\0" * 80
+
+
+def npz_of(**members: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(f"{name}.npy", data)
+    return buffer.getvalue()
+
+
+def hostile_files() -> dict[str, tuple[bytes, str]]:
+    """Files that must be refused, with a word the error must contain."""
+    x, y = digits_images()
+    good = npz_bytes(x=x, y=y)
+    objects = np.array([{"a": 1}, [1, 2]] * 10, dtype=object)
+    with_nan = x.copy()
+    with_nan[3, 2, 1] = np.nan
+    return {
+        "object array (.npy, needs pickle)": (npy_bytes(objects, allow_pickle=True), "pickle"),
+        "object array inside an .npz": (npz_of(x=npy_bytes(objects, allow_pickle=True)), "pickle"),
+        "truncated zip": (good[: len(good) // 2], "file"),
+        "truncated .npy": (npy_bytes(x.reshape(300, 64))[:-100], "x"),
+        "NaN in x": (npz_bytes(x=with_nan, y=y), "NaN"),
+        "inf in x": (npy_bytes(np.full((20, 3), np.inf)), "NaN"),
+        "float64 beyond float32": (npy_bytes(np.full((20, 3), 1e300)), "overflow"),
+        "header declares a huge shape (.npy)": (huge_npy_header(), "limit"),
+        "header declares a huge shape (.npz)": (npz_of(x=huge_npy_header()), "limit"),
+        "strings": (npy_bytes(np.array([["a", "b"]] * 20)), "numeric"),
+        "complex numbers": (npy_bytes(np.ones((20, 2), dtype=np.complex64)), "numeric"),
+        "one-dimensional x": (npy_bytes(np.ones(50, dtype=np.float32)), "shape"),
+        "too few rows": (npy_bytes(np.ones((3, 4), dtype=np.float32)), "rows"),
+        "labels of the wrong length": (npz_bytes(x=x, y=y[:-1]), "y"),
+        "float labels": (npz_bytes(x=x, y=y.astype(np.float32)), "integers"),
+        "negative labels": (npz_bytes(x=x, y=-y - 1), "0.."),
+        "an extra array": (npz_bytes(x=x, y=y, z=y), "holds x"),
+        "no x": (npz_bytes(y=y), "no array named x"),
+        "not numpy at all": (b"hello, this is a text file" * 10, "not an .npy or .npz"),
+        "empty body": (b"", "not an .npy or .npz"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(hostile_files()))
+def test_a_hostile_upload_gets_a_4xx_and_leaves_nothing_behind(
+    client: TestClient, storage: Storage, case: str
+) -> None:
+    body, word = hostile_files()[case]
+    response = upload(client, body)
+    assert response.status_code == 422, (case, response.status_code, response.text)
+    (error,) = response.json()["detail"]
+    assert error["field"] in {"file", "x", "y"}, error
+    assert word == error["field"] or word in error["msg"], error
+    assert files_under(storage.datasets_root) == []
+    assert client.get("/v1/datasets").json()["items"] == []
+
+
+def test_a_body_past_the_cap_without_content_length_is_413_and_leaves_nothing(
+    capped_client: TestClient, storage: Storage
+) -> None:
+    sent = []
+
+    def chunks() -> Iterator[bytes]:  # a generator body goes out chunked, with no length
+        for _ in range(64):
+            sent.append(4096)
+            yield b"\0" * 4096
+
+    response = upload(capped_client, chunks())
+    assert response.status_code == 413, response.text
+    assert str(SMALL_CAP) in response.json()["detail"]
+    assert files_under(storage.datasets_root) == []
+
+
+def test_a_declared_content_length_past_the_cap_is_413_before_reading(
+    capped_client: TestClient, storage: Storage
+) -> None:
+    response = upload(capped_client, b"\0" * (SMALL_CAP + 1))
+    assert response.status_code == 413
+    assert files_under(storage.datasets_root) == []
+
+
+def test_a_multipart_form_is_refused_with_a_hint(client: TestClient) -> None:
+    x, y = digits_images()
+    response = client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(x=x, y=y))})
+    assert response.status_code == 422
+    assert "--data-binary" in response.json()["detail"][0]["msg"]
+
+
+# -- jobs that name an upload -----------------------------------------------------------------
+
+
+def uploaded(client: TestClient, **arrays: Any) -> str:
+    response = upload(client, npz_bytes(**arrays))
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def conv_spec(dataset: str) -> dict[str, Any]:
+    spec = digits_spec()
+    spec["data"]["dataset"] = dataset
+    spec["model"] = {"arch": "conv", "channels": [4, 8], "kernel_size": 3, "stride": 2,
+                     "latent_dim": 8}  # fmt: skip
+    return spec
+
+
+def test_a_job_on_an_image_upload_gets_its_shape_in_the_spec(client: TestClient) -> None:
+    x, y = digits_images()
+    dataset = uploaded(client, x=x, y=y)
+    response = client.post("/v1/jobs", json=conv_spec(dataset))
+    assert response.status_code == 201, response.text
+    data = response.json()["spec"]["data"]
+    assert data["dataset"] == dataset
+    assert data["upload"] == {"input_shape": [1, 8, 8], "rows": 300, "classes": 10}
+    four_d = uploaded(client, x=np.stack([x, x], axis=1), y=y)
+    response = client.post("/v1/jobs", json=conv_spec(four_d))
+    assert response.json()["spec"]["data"]["upload"]["input_shape"] == [2, 8, 8]
+
+
+def test_what_a_client_sends_as_upload_is_replaced_by_the_index(client: TestClient) -> None:
+    x, y = digits_images()
+    dataset = uploaded(client, x=x, y=y)
+    spec = digits_spec()
+    spec["data"] = {"dataset": dataset, "upload": {"input_shape": [3], "rows": 10}}
+    response = client.post("/v1/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    assert response.json()["spec"]["data"]["upload"]["input_shape"] == [1, 8, 8]
+
+
+def field_of(response: Any) -> list[str]:
+    assert response.status_code == 422, response.text
+    return [e["field"] for e in response.json()["detail"]]
+
+
+def test_jobs_on_uploads_are_checked_against_the_uploads_shape(client: TestClient) -> None:
+    x, y = digits_images()
+    flat = uploaded(client, x=x.reshape(300, 64))
+    assert field_of(client.post("/v1/jobs", json=conv_spec(flat))) == ["model.arch"]
+    unknown = conv_spec("ds-000000000000000000000000")
+    assert field_of(client.post("/v1/jobs", json=unknown)) == ["data.dataset"]
+    malformed = conv_spec("ds-../../etc")
+    assert field_of(client.post("/v1/jobs", json=malformed)) == ["data.dataset"]
+    builtin_with_upload = digits_spec()
+    builtin_with_upload["data"]["upload"] = {"input_shape": [64], "rows": 100}
+    assert field_of(client.post("/v1/jobs", json=builtin_with_upload)) == ["data.upload"]
+
+
+def test_semisupervised_needs_an_upload_with_labels(client: TestClient) -> None:
+    x, y = digits_images()
+    spec = {
+        "kind": "semisupervised", "data": {"dataset": uploaded(client, x=x)},
+        "labeled_fraction": 0.1,
+        "pretrain": {"kind": "autoencoder", "model": {"latent_dim": 8}},
+    }  # fmt: skip
+    assert field_of(client.post("/v1/jobs", json=spec)) == ["data.dataset"]
+    spec["data"]["dataset"] = uploaded(client, x=x, y=y)
+    assert client.post("/v1/jobs", json=spec).status_code == 201

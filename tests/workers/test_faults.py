@@ -1,0 +1,97 @@
+"""Faults injected for real on a local Ray: a training worker killed, a rank hung (SIGSTOP).
+
+Each job must end `succeeded` with its training resumed from the latest checkpoint, not from
+epoch 0; the metrics stream shows where each run of the stage started.
+"""
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from shared.settings import Settings
+from shared.storage import Storage
+from shared.store import JobStore
+from tests.specs import digits_spec
+from tests.workers.test_dispatcher import make_dispatcher, train_worker_pids, wait_for
+from workers.dispatcher import Dispatcher
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+@pytest.fixture
+def dispatcher(
+    store: JobStore, storage: Storage, settings: Settings, ray_address: str
+) -> Iterator[Dispatcher]:
+    running = make_dispatcher(store, storage, settings, ray_address)
+    thread = threading.Thread(target=running.run_forever, daemon=True)
+    thread.start()
+    yield running
+    running.stop()
+    thread.join(timeout=60)
+
+
+def run_starts(store: JobStore, job_id: str) -> list[int]:
+    """The first epoch of each run of the job's stage, in the order the runs happened."""
+    epochs = [entry["epoch"] for _, entry in store.metrics_after(job_id)]
+    return [epochs[0]] + [b for a, b in zip(epochs, epochs[1:], strict=False) if b <= a]
+
+
+def training_past(client: TestClient, job_id: str, epoch: int) -> Any:
+    return wait_for(
+        lambda: (client.get(f"/v1/jobs/{job_id}").json()["epoch"] or 0) >= epoch,
+        120, f"epoch {epoch}",
+    )  # fmt: skip
+
+
+def finished(client: TestClient, job_id: str) -> dict[str, Any]:
+    job: dict[str, Any] = wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] != "running"
+        and j["state"] != "queued" and j,
+        200, "the job to end",
+    )  # fmt: skip
+    return job
+
+
+def test_a_killed_training_worker_is_restarted_from_the_latest_checkpoint(
+    client: TestClient, store: JobStore, dispatcher: Dispatcher
+) -> None:
+    spec = digits_spec(epochs=400, checkpoint_every=40)
+    spec["resources"]["max_failures"] = 1
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    training_past(client, job_id, 90)
+    (worker,) = train_worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    job = finished(client, job_id)
+    assert job["state"] == "succeeded", job["error"]
+    assert job["attempts"] == 1  # Ray restarted the worker group inside the same run
+    starts = run_starts(store, job_id)
+    assert starts[0] == 0 and len(starts) == 2, starts
+    assert starts[1] > 0 and starts[1] % 40 == 0, starts  # the epoch after a checkpoint
+
+
+def test_a_hung_rank_is_caught_by_the_progress_deadline_and_the_stage_retried(
+    client: TestClient, store: JobStore, dispatcher: Dispatcher
+) -> None:
+    spec = digits_spec(epochs=300, workers=2, checkpoint_every=30)
+    spec["resources"].update(max_failures=1, progress_timeout_s=6)
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    training_past(client, job_id, 70)
+    stopped = train_worker_pids()[-1]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        job = finished(client, job_id)
+    finally:
+        try:
+            os.kill(stopped, signal.SIGKILL)  # whatever Ray did, leave no stopped process
+        except ProcessLookupError:
+            pass
+    assert job["state"] == "succeeded", job["error"]
+    assert any("no epoch finished" in w and "restarted" in w for w in job["warnings"]), job
+    starts = run_starts(store, job_id)
+    assert starts[0] == 0 and len(starts) == 2, starts
+    assert starts[1] > 0 and starts[1] % 30 == 0, starts
