@@ -164,19 +164,19 @@ def prune_run(
     say = say or (lambda _: None)
     kept = {Path(p).resolve() for p in keep}
     folders = checkpoint_folders(run_folder)
-    whole: list[Path] = []
+    whole: list[tuple[int, str, Path]] = []
     deleted: list[Path] = []
     for folder in folders:
         if folder.resolve() in kept:
             continue
-        if verify(folder):
-            whole.append(folder)
-        else:
-            say(f"cleanup: deleted partial checkpoint {folder.name}")
+        try:
+            whole.append((check(folder), folder.name, folder))
+        except CheckpointCorrupt as exc:
+            say(f"cleanup: deleted {folder.name}: {exc.reason}")
             deleted.append(remove_checkpoint(folder))
     room = max(0, num_to_keep + 1 - sum(1 for f in folders if f.resolve() in kept))
-    for folder in _newest_first(whole)[room:]:
-        say(f"cleanup: deleted old checkpoint {folder.name}")
+    for _, _, folder in sorted(whole, reverse=True)[room:]:  # newest first, by epoch
+        say(f"cleanup: deleted {folder.name}: more than {num_to_keep} + 1 checkpoints")
         deleted.append(remove_checkpoint(folder))
     return deleted
 
@@ -187,18 +187,6 @@ def remove_checkpoint(folder: Path) -> Path:
     (folder / MANIFEST_FILE).unlink(missing_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     return folder
-
-
-def _newest_first(folders: Iterable[Path]) -> list[Path]:
-    """By manifest epoch, then by name (Ray's timestamp); unreadable manifests last."""
-
-    def key(folder: Path) -> tuple[int, str]:
-        try:
-            return int(_read_manifest(folder)["epoch"]), folder.name
-        except CheckpointCorrupt:
-            return -1, folder.name
-
-    return sorted(folders, key=key, reverse=True)
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

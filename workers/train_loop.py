@@ -150,4 +150,6 @@ def resume(
                 return restore(ray_folder, model, optimizer)
             if say:
                 say(f"resume: skipped Ray's checkpoint {checkpoint.path}: not whole")
+    if say:
+        say("resume: no whole checkpoint, from epoch 0")
     return 0

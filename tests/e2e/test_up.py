@@ -76,8 +76,10 @@ def up(tmp_path: Path, ray_address: str) -> Iterator[UpProcess]:
         stack.process.kill()
 
 
-def wait_for_job(url: str, job_id: str, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
+def wait_for_job(
+    url: str, job_id: str, done: Callable[[dict[str, Any]], bool], timeout_s: float = 120
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         job: dict[str, Any] = httpx.get(f"{url}/v1/jobs/{job_id}").json()
         if done(job):

@@ -35,7 +35,7 @@ from workers.tasks import build_task, find_stage
 from workers.train_loop import make_optimizer, resume
 
 
-def model_and_optimizer(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+def model_and_optimizer(seed: int = 0) -> tuple[nn.Linear, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = nn.Linear(64, 64)  # 16 KiB of weights: most of state.pt is tensor bytes
     return model, torch.optim.Adam(model.parameters())
@@ -120,7 +120,7 @@ def test_a_flipped_byte_is_caught_although_torch_would_load_it(tmp_path: Path) -
 
 def test_checkpoint_corrupt_survives_pickle() -> None:
     error = pickle.loads(pickle.dumps(CheckpointCorrupt("/runs/x/checkpoint_1", "no manifest")))
-    assert isinstance(error, ValueError)
+    assert isinstance(error, CheckpointCorrupt) and isinstance(error, ValueError)
     assert (error.folder, error.reason) == ("/runs/x/checkpoint_1", "no manifest")
     assert "checkpoint_1" in str(error)
 
@@ -176,8 +176,9 @@ def test_cleanup_keeps_the_final_and_the_newest_and_removes_partial_ones(tmp_pat
     left = checkpoint_folders(run)
     assert [check(f) for f in left] == [5, 7, 9]  # num_to_keep + 1, the final among them
     assert final in left and snapshot.exists()
-    assert sorted(check_name[-15:-7] for check_name in map(str, deleted)) == [
-        "00-00-01", "00-00-03", "00-00-10", "00-00-11"]  # fmt: skip
+    assert sorted(p.name for p in deleted) == [
+        f"checkpoint_2025-01-01_00-00-{second}.000000" for second in ("01", "03", "10", "11")
+    ]
 
 
 def test_cleanup_never_deletes_what_it_is_told_to_keep(tmp_path: Path) -> None:
