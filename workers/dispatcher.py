@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import ray
+import redis
 import torch
 
 from shared.errors import LeaseLost
@@ -52,6 +53,7 @@ class Dispatcher:
         torch.set_num_threads(1)
         self._running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        self._complained_at = -1e9
 
     # -- the loop -------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -88,10 +90,21 @@ class Dispatcher:
     def _claim(self, block_ms: int) -> Claim | None:
         try:
             return self.store.claim(self.id, self.lease_ttl_s, block_ms, self.max_takeovers)
-        except Exception:  # Redis down: wait and try again, never die
+        except redis.RedisError as exc:  # Redis down: wait and try again, never die
+            self._complain(f"cannot claim, Redis is unreachable: {exc}")
+            time.sleep(1.0)
+            return None
+        except Exception:  # a bug, or a record we cannot read: keep serving the others
             log.exception("claim failed; retrying")
             time.sleep(1.0)
             return None
+
+    def _complain(self, message: str) -> None:
+        """Log a recurring problem once every few seconds, not on every turn of the loop."""
+        now = time.monotonic()
+        if now - self._complained_at > 10.0:
+            log.warning("%s (repeats are not logged for 10 s)", message)
+            self._complained_at = now
 
     def _cluster_has_room(self) -> bool:
         """Take another job only while a stage could start now; an idle dispatcher always may.
@@ -104,8 +117,8 @@ class Dispatcher:
         try:
             used, waiting = self.store.reserved()
             free_cpus = ray.cluster_resources().get("CPU", 0.0) - used.get("CPU", 0.0)
-        except Exception:  # Redis or Ray unreachable: claiming would fail too
-            log.exception("could not read the cluster's free resources")
+        except Exception as exc:  # Redis or Ray unreachable: claiming would fail too
+            self._complain(f"could not read the cluster's free resources: {exc}")
             return False
         return waiting == 0 and free_cpus > 0
 
@@ -125,8 +138,8 @@ class Dispatcher:
         }
         try:
             self.store.register_dispatcher(self.id, info, ttl_s=10.0)
-        except Exception:
-            log.exception("could not register in Redis")
+        except redis.RedisError as exc:
+            self._complain(f"could not register in Redis: {exc}")
 
     # -- one job --------------------------------------------------------------------------------
     def execute(self, claim: Claim) -> JobRecord | None:

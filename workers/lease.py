@@ -45,8 +45,8 @@ class LeaseKeeper:
                     self.lost.set()
                     return
                 renewed_at = time.monotonic()
-            except Exception:  # Redis unreachable: keep trying until the lease would be over
-                log.exception("job %s: lease renewal failed", self.job_id)
+            except Exception as exc:  # Redis unreachable: keep trying until the lease is over
+                log.warning("job %s: lease renewal failed: %s", self.job_id, exc)
                 if time.monotonic() - renewed_at > self.ttl_s:
                     self.lost.set()
                     return

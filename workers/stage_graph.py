@@ -118,8 +118,9 @@ class StageGraph:
                 last_cancel_check = time.monotonic()
             try:
                 answer = self.wiring.store.reserve(self.claim, stage.name, need, total)
-            except redis.RedisError:
-                log.exception("job %s stage %s: could not ask for resources", job_id, stage.name)
+            except redis.RedisError as exc:
+                log.warning("job %s stage %s: could not ask for resources: %s", job_id,
+                            stage.name, exc)  # fmt: skip
             if answer == "granted":
                 return
             time.sleep(_WAIT_POLL_S)

@@ -191,3 +191,42 @@ def test_specs_are_frozen() -> None:
         spec.data.dataset = "swiss_roll"  # type: ignore[misc]
     assert spec.name == "digits-dense" and spec.training.epochs == 30
     assert spec.model.latent_dim == 16 and spec.data.dataset == "digits"
+
+
+LAYER = {"units": 8, "activation": "sigmoid"}
+
+
+def _stacked(layers: int) -> dict[str, Any]:
+    return {"kind": "stacked", "data": {"dataset": "digits"}, "layers": [LAYER] * layers}
+
+
+# What would let one job exhaust the cluster: each bound is refused naming its field.
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({**digits_spec(epochs=10_001)}, "training.epochs"),
+        (digits_spec(batch_size=65_537), "training.batch_size"),
+        ({**digits_spec(), "model": {"hidden": [8193], "latent_dim": 8}}, "model.hidden.0"),
+        ({**digits_spec(), "model": {"hidden": [8] * 9, "latent_dim": 8}}, "model.hidden"),
+        ({**digits_spec(), "model": {"latent_dim": 8193}}, "model.latent_dim"),
+        ({**digits_spec(), "data": {"dataset": "mnist5k"},
+          "model": {"hidden": [8192, 8192], "latent_dim": 8192}}, "model"),
+        ({**digits_spec(), "model": {"arch": "conv", "channels": [4] * 7, "latent_dim": 8}},
+         "model.channels"),
+        ({**digits_spec(), "data": {"dataset": "swiss_roll", "n_samples": 100_001}},
+         "data.n_samples"),
+        ({**digits_spec(), "resources": {"workers": 65}}, "resources.workers"),
+        ({**digits_spec(), "resources": {"gpus_per_worker": 9}}, "resources.gpus_per_worker"),
+        ({**digits_spec(), "resources": {"max_failures": 11}}, "resources.max_failures"),
+        ({**digits_spec(), "tags": ["t"] * 17}, "tags"),
+        (_stacked(9), "layers"),
+        ({**_stacked(2), "finetune": {"epochs": 10_001}}, "finetune.epochs"),
+    ],
+)  # fmt: skip
+def test_bounds_that_stop_resource_exhaustion(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        parse_job_spec(spec)
+    errors = info.value.errors()
+    locs = [".".join(str(p) for p in e["loc"] if p not in UNION_TAGS) for e in errors]
+    # a check across fields names its field at the start of its message instead
+    assert field in locs or any(f"{field}:" in e["msg"] for e in errors), (locs, errors)

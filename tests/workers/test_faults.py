@@ -6,8 +6,12 @@ epoch 0; the metrics stream shows where each run of the stage started.
 
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,3 +99,59 @@ def test_a_hung_rank_is_caught_by_the_progress_deadline_and_the_stage_retried(
     starts = run_starts(store, job_id)
     assert starts[0] == 0 and len(starts) == 2, starts
     assert starts[1] > 0 and starts[1] % 30 == 0, starts
+
+
+def test_a_dispatcher_killed_after_its_claim_or_before_the_artifacts_is_taken_over(
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    job_id = client.post("/v1/jobs", json=digits_spec(epochs=20)).json()["id"]
+    env = {**os.environ, "AETRAIN_REDIS_URL": settings.require_redis_url(),
+           "AETRAIN_STORAGE": str(settings.storage_root), "RAY_ADDRESS": ray_address,
+           "RAY_AUTH_MODE": "token", "AETRAIN_LEASE_TTL_S": "3"}  # fmt: skip
+
+    def dispatcher_process(pause: str, name: str) -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            return subprocess.Popen([sys.executable, "-m", "workers"],
+                                    env={**env, "AETRAIN_FAULT_PAUSE": pause},
+                                    stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def job() -> dict[str, Any]:
+        record: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        return record
+
+    first = dispatcher_process("claimed:300", "first")
+    try:  # killed between its claim and the first write of a stage
+        wait_for(lambda: job()["state"] == "running", 60, "the first claim")
+        time.sleep(1.0)
+        assert job()["stages"][0]["state"] == "pending"
+        first.kill()
+        first.wait()
+        second = dispatcher_process("finalizing:300", "second")
+        try:  # killed after the last epoch, before any artifact
+            wait_for(lambda: job()["stages"][0]["state"] == "succeeded", 120, "training to end")
+            time.sleep(1.0)
+            assert job()["state"] == "running" and job()["result"] is None
+            second.kill()
+            second.wait()
+        finally:
+            second.kill()
+        third = dispatcher_process("", "third")
+        try:
+            done = wait_for(lambda: job()["state"] in {"succeeded", "failed"} and job(), 120,
+                            "the third dispatcher to finish the job")  # fmt: skip
+        finally:
+            third.terminate()
+            third.wait(timeout=60)
+    finally:
+        first.kill()
+    assert done["state"] == "succeeded", done["error"]
+    assert done["attempts"] == 3 and done["takeovers"] == 2
+    history = store.metrics_history(job_id)
+    assert [m["epoch"] for m in history] == list(range(20))
+    assert {m["token"] for m in history} == {2}  # only the second dispatcher trained
+    # the artifacts are the third runner's; the stage was not trained again
+    result = client.get(f"/v1/jobs/{job_id}/result").json()
+    assert "encoder.pt" in result["artifacts"]
+    folders = sorted(p.name for p in (storage.root / "jobs" / job_id).glob("attempt-*"))
+    assert folders == ["attempt-3"]
