@@ -70,6 +70,8 @@ def _spawn(name: str, args: list[str], env: dict[str, str], logs: Path, signum: 
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches only `up`, which stops children in order
+            # Safe here, unlike in the dispatcher: `up` runs no threads that could hold a lock
+            # across the fork (see workers.processes.parent_death_env).
             preexec_fn=lambda: die_with_parent(signum),
         )
     return Child(name, process, log_path, args, env, signum)

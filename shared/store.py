@@ -319,12 +319,14 @@ class JobStore:
         lease_ttl_s: float,
         block_ms: int = 1000,
         max_takeovers: int = DEFAULT_MAX_TAKEOVERS,
+        takeovers_only: bool = False,
     ) -> Claim | None:
         """Take one job: an active one whose runner's lease expired, else the head of the queue.
 
         `consumer` names the runner in a takeover's warning; waits up to `block_ms` for work. A
         job whose runner was lost more than `max_takeovers` times fails instead of being
         taken over again, so a job that kills its dispatcher cannot take the service down.
+        With `takeovers_only`, new jobs stay queued (the caller has no room for them).
         """
         deadline = time.monotonic() + block_ms / 1000
         while True:
@@ -332,7 +334,7 @@ class JobStore:
                 if not self.redis.exists(self._lease_key(job_id)):
                     if claim := self._acquire(job_id, lease_ttl_s, consumer, max_takeovers):
                         return claim
-            for job_id in self.redis.zrange(self.queue_key, 0, 9):
+            for job_id in [] if takeovers_only else self.redis.zrange(self.queue_key, 0, 9):
                 if claim := self._acquire(job_id, lease_ttl_s, consumer, max_takeovers):
                     return claim
             if time.monotonic() >= deadline:
@@ -506,6 +508,10 @@ class JobStore:
         args: list[str | int] = [f"{job.id}/{stage}", job.id, str(claim.token), json.dumps(need),
                 json.dumps(total), queue_score(job), self._lease_key("")]  # fmt: skip
         return str(self._reserve(keys=keys, args=args))
+
+    def asking_jobs(self) -> set[str]:
+        """Jobs with a stage granted resources or waiting in line for them."""
+        return {member.split("/")[0] for member in self.redis.hkeys(self._scheduler_key)}
 
     def release(self, job_id: str, stage: str) -> None:
         """Give a stage's resources back (or leave the line)."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from shared.specs import DenoisingSpec, ObjectiveSpec
@@ -68,8 +68,11 @@ class ArtifactWriter:
                     input_shape: tuple[int, ...]) -> None:  # fmt: skip
         """The encoder files, autoencoder.pt, codes for interpolation and the pictures."""
         self.encoder(model.encoder)
-        scripted = torch.jit.script(ExportedAutoencoder(model, self.shift, self.scale).eval())
-        scripted.save(str(self._path("autoencoder.pt")))
+        exported = ExportedAutoencoder(model, self.shift, self.scale).eval()
+        torch.jit.script(exported).save(str(self._path("autoencoder.pt")))
+        # The API decodes for interpolation from these weights, never from a TorchScript file.
+        # save_model stores a tied decoder's shared tensors once.
+        save_model(exported, str(self._path("autoencoder.safetensors")))
         x_val = torch.from_numpy(self.split.x_val)
         with torch.no_grad():
             codes = model.encoder(x_val).numpy()

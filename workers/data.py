@@ -52,7 +52,11 @@ def load_raw(data: DataSpec, datasets: Path | None = None) -> tuple[np.ndarray, 
     if data.upload is not None:
         if datasets is None:
             raise ValueError(f"dataset {data.dataset} is an upload; no datasets folder given")
-        with np.load(datasets / f"{data.dataset}.npz", allow_pickle=False) as stored:
+        path = datasets / f"{data.dataset}.npz"
+        if not path.is_file() or _magic(path) != b"PK\x03\x04":
+            raise ValueError(f"uploaded dataset {data.dataset}: its stored file is missing or "
+                             f"damaged ({path})")  # fmt: skip
+        with np.load(path, allow_pickle=False) as stored:
             x = stored["x"].reshape(len(stored["x"]), -1).astype(np.float32)
             y = stored["y"].astype(np.int64) if "y" in stored.files else None
         return x, y
@@ -72,6 +76,11 @@ def load_raw(data: DataSpec, datasets: Path | None = None) -> tuple[np.ndarray, 
         x, _ = sk_datasets.make_s_curve(n_samples=data.n_samples, random_state=data.seed)
         return x.astype(np.float32), None
     raise ValueError(f"unknown dataset {data.dataset!r}")
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
 
 
 def fit_normalization(x: np.ndarray, method: str, per_feature: bool = True) -> Normalization:

@@ -12,6 +12,7 @@ from typing import Any
 import ray
 import redis
 import torch
+from threadpoolctl import threadpool_limits
 
 from shared.errors import LeaseLost
 from shared.jobs import JobRecord, JobState
@@ -51,6 +52,9 @@ class Dispatcher:
         # default of one thread per core was 2.4x slower with the other core busy and up to
         # 100x slower during a test run on 2 cores (README, "What a job costs").
         torch.set_num_threads(1)
+        # numpy's OpenBLAS too: one thread per call, and no BLAS thread pool for a fork to
+        # wait on (see workers.processes.parent_death_env).
+        threadpool_limits(limits=1)
         self._running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._complained_at = -1e9
@@ -65,10 +69,11 @@ class Dispatcher:
                 self._register()
                 last_register = time.monotonic()
             self._reap()
-            if len(self._running) >= self.slots or not self._cluster_has_room():
+            if len(self._running) >= self.slots:
                 time.sleep(0.2)
                 continue
-            claim = self._claim(block_ms=500)
+            # Without room, only a job whose runner died is taken: it keeps its place in line.
+            claim = self._claim(block_ms=500, takeovers_only=not self._cluster_has_room())
             if claim is not None:
                 thread = threading.Thread(
                     target=self.execute, args=(claim,), name=f"job-{claim.job.id}", daemon=True
@@ -87,9 +92,11 @@ class Dispatcher:
     def stop(self) -> None:
         self.stopping.set()
 
-    def _claim(self, block_ms: int) -> Claim | None:
+    def _claim(self, block_ms: int, takeovers_only: bool = False) -> Claim | None:
         try:
-            return self.store.claim(self.id, self.lease_ttl_s, block_ms, self.max_takeovers)
+            return self.store.claim(
+                self.id, self.lease_ttl_s, block_ms, self.max_takeovers, takeovers_only
+            )
         except redis.RedisError as exc:  # Redis down: wait and try again, never die
             self._complain(f"cannot claim, Redis is unreachable: {exc}")
             time.sleep(1.0)
@@ -115,6 +122,8 @@ class Dispatcher:
         if not self._running:
             return True
         try:
+            if set(self._running) - self.store.asking_jobs():
+                return False  # a job just claimed has not asked for its resources yet
             used, waiting = self.store.reserved()
             free_cpus = ray.cluster_resources().get("CPU", 0.0) - used.get("CPU", 0.0)
         except Exception as exc:  # Redis or Ray unreachable: claiming would fail too

@@ -16,7 +16,7 @@ import redis
 from shared.errors import LeaseLost, TrainingFailed
 from shared.store import Claim, JobStore
 from workers.lease import LeaseKeeper
-from workers.processes import die_with_parent
+from workers.processes import parent_death_env
 
 _POLL_S = 0.2
 _CANCEL_CHECK_S = 1.0
@@ -122,7 +122,8 @@ def run_stage(
     outcome_path.unlink(missing_ok=True)
     config = {**run.config, "outcome_path": str(outcome_path), "spawned_at": time.time()}
     config_path.write_text(json.dumps(config))
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+           **parent_death_env()}  # fmt: skip
     with open(run.log_path, "ab") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "workers.stage_process", str(config_path)],
@@ -130,7 +131,6 @@ def run_stage(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            preexec_fn=die_with_parent,
         )
     watch = ProgressWatch(store, job_id, run.stage, run.progress_timeout_s)
     last_check = time.monotonic()

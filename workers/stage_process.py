@@ -21,6 +21,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import (
 
 from shared.specs import parse_job_spec
 from workers.checkpoints import prune_run
+from workers.processes import die_with_parent_from_env
 from workers.tasks import checkpoints_to_keep, find_stage
 from workers.train_loop import train_loop_per_worker
 
@@ -102,6 +103,7 @@ def clean_up_checkpoints(config: dict[str, Any], result: Result, num_to_keep: in
 
 
 def main() -> None:
+    die_with_parent_from_env()
     config_path = Path(sys.argv[1])
     config = json.loads(config_path.read_text())
     outcome_path = Path(config["outcome_path"])

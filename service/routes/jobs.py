@@ -136,9 +136,10 @@ def interpolate_codes(
     from workers.interpolation import CodeRangeError, interpolate, png_strip
 
     job = store.get(job_id, tenant)
-    folder = storage.artifact_path(job, "val_codes.npy").parent
+    storage.artifact_path(job, "val_codes.npy")  # 404 unless the job has both files
+    folder = storage.artifact_path(job, "autoencoder.safetensors").parent
     try:
-        codes, outputs = interpolate(folder, request.a, request.b, request.steps)
+        codes, outputs = interpolate(job.spec, folder, request.a, request.b, request.steps)
     except CodeRangeError as exc:
         detail = [{"field": exc.field, "loc": ["body", exc.field], "msg": str(exc),
                    "type": "value_error"}]  # fmt: skip

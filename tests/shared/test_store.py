@@ -587,3 +587,17 @@ def test_a_tenant_at_its_limit_of_open_jobs_is_refused_until_one_ends(store: Job
         store.submit(new_job("acme"), max_open=2)
     store.finish(got, JobState.SUCCEEDED)
     assert store.submit(new_job("acme"), max_open=2)[1] is True
+
+
+def test_without_room_only_a_job_whose_runner_died_is_taken(store: JobStore) -> None:
+    (dead,) = claimed_jobs(store, [0], lease_s=SHORT_LEASE_S)
+    queued = submitted(store)
+    assert store.claim("c2", LONG_LEASE_S, BLOCK_MS, takeovers_only=True) is None
+    time.sleep(SHORT_LEASE_S + 0.2)
+    again = store.claim("c2", LONG_LEASE_S, BLOCK_MS, takeovers_only=True)
+    assert again is not None and again.job.id == dead.job.id
+    assert store.claim("c2", LONG_LEASE_S, BLOCK_MS, takeovers_only=True) is None
+    assert store.queued_ids() == [queued.id]
+    assert store.asking_jobs() == set()
+    store.reserve(again, "train", {"CPU": 1}, CLUSTER)
+    assert store.asking_jobs() == {dead.job.id}

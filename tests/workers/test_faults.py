@@ -4,6 +4,7 @@ Each job must end `succeeded` with its training resumed from the latest checkpoi
 epoch 0; the metrics stream shows where each run of the stage started.
 """
 
+import io
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -155,3 +157,31 @@ def test_a_dispatcher_killed_after_its_claim_or_before_the_artifacts_is_taken_ov
     assert "encoder.pt" in result["artifacts"]
     folders = sorted(p.name for p in (storage.root / "jobs" / job_id).glob("attempt-*"))
     assert folders == ["attempt-3"]
+
+
+def test_a_poison_job_fails_after_max_failures_with_its_error_and_does_not_hold_up_others(
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
+) -> None:
+    body = io.BytesIO()
+    np.savez(body, x=np.random.default_rng(0).random((200, 6)))
+    dataset = client.post("/v1/datasets", content=body.getvalue()).json()["id"]
+    storage.dataset_file(dataset).write_bytes(b"no longer an npz")  # every run fails alike
+    poison = digits_spec(epochs=3)
+    poison["data"] = {"dataset": dataset}
+    poison["resources"]["max_failures"] = 2
+    poison_id = client.post("/v1/jobs", json=poison).json()["id"]
+    good_id = client.post("/v1/jobs", json=digits_spec(epochs=3)).json()["id"]
+
+    dispatcher = make_dispatcher(store, storage, settings, ray_address, slots=2)
+    thread = threading.Thread(target=dispatcher.run_forever, daemon=True)
+    thread.start()
+    try:
+        poisoned, good = (finished(client, job_id) for job_id in (poison_id, good_id))
+    finally:
+        dispatcher.stop()
+        thread.join(timeout=60)
+    assert good["state"] == "succeeded", good["error"]
+    assert poisoned["state"] == "failed" and poisoned["attempts"] == 1
+    assert "stage train" in poisoned["error"] and "damaged" in poisoned["error"], poisoned
+    log = (storage.root / "jobs" / poison_id / "logs" / "train-attempt-1.log").read_text()
+    assert log.count("Attempting to start training worker group") == 3  # 1 + max_failures
