@@ -320,16 +320,18 @@ class JobStore:
         block_ms: int = 1000,
         max_takeovers: int = DEFAULT_MAX_TAKEOVERS,
         takeovers_only: bool = False,
+        stop: Callable[[], bool] = lambda: False,
     ) -> Claim | None:
         """Take one job: an active one whose runner's lease expired, else the head of the queue.
 
         `consumer` names the runner in a takeover's warning; waits up to `block_ms` for work. A
         job whose runner was lost more than `max_takeovers` times fails instead of being
         taken over again, so a job that kills its dispatcher cannot take the service down.
-        With `takeovers_only`, new jobs stay queued (the caller has no room for them).
+        With `takeovers_only`, new jobs stay queued (the caller has no room for them). Waiting
+        ends early once `stop()` is true, so that a runner shutting down takes nothing new.
         """
         deadline = time.monotonic() + block_ms / 1000
-        while True:
+        while not stop():
             for job_id in sorted(self.redis.smembers(self.active_key)):
                 if not self.redis.exists(self._lease_key(job_id)):
                     if claim := self._acquire(job_id, lease_ttl_s, consumer, max_takeovers):
@@ -340,6 +342,7 @@ class JobStore:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(min(_CLAIM_POLL_S, max(0.0, deadline - time.monotonic())))
+        return None
 
     def queued_ids(self) -> list[str]:
         """The queue in the order jobs will start."""

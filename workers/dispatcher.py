@@ -74,7 +74,9 @@ class Dispatcher:
                 continue
             # Without room, only a job whose runner died is taken: it keeps its place in line.
             claim = self._claim(block_ms=500, takeovers_only=not self._cluster_has_room())
-            if claim is not None:
+            if claim is not None and self.stopping.is_set():  # stopped while it was claimed
+                self._give_back(claim)
+            elif claim is not None:
                 thread = threading.Thread(
                     target=self.execute, args=(claim,), name=f"job-{claim.job.id}", daemon=True
                 )
@@ -94,9 +96,8 @@ class Dispatcher:
 
     def _claim(self, block_ms: int, takeovers_only: bool = False) -> Claim | None:
         try:
-            return self.store.claim(
-                self.id, self.lease_ttl_s, block_ms, self.max_takeovers, takeovers_only
-            )
+            return self.store.claim(self.id, self.lease_ttl_s, block_ms, self.max_takeovers,
+                                    takeovers_only, stop=self.stopping.is_set)  # fmt: skip
         except redis.RedisError as exc:  # Redis down: wait and try again, never die
             self._complain(f"cannot claim, Redis is unreachable: {exc}")
             time.sleep(1.0)

@@ -601,3 +601,9 @@ def test_without_room_only_a_job_whose_runner_died_is_taken(store: JobStore) -> 
     assert store.asking_jobs() == set()
     store.reserve(again, "train", {"CPU": 1}, CLUSTER)
     assert store.asking_jobs() == {dead.job.id}
+
+
+def test_a_runner_that_is_stopping_claims_nothing(store: JobStore) -> None:
+    job = submitted(store)
+    assert store.claim("c1", LONG_LEASE_S, block_ms=300, stop=lambda: True) is None
+    assert store.queued_ids() == [job.id] and store.get(job.id).attempts == 0

@@ -66,10 +66,10 @@ def finished(client: TestClient, job_id: str) -> dict[str, Any]:
 def test_a_killed_training_worker_is_restarted_from_the_latest_checkpoint(
     client: TestClient, store: JobStore, dispatcher: Dispatcher
 ) -> None:
-    spec = digits_spec(epochs=400, checkpoint_every=40)
+    spec = digits_spec(epochs=200, checkpoint_every=20)
     spec["resources"]["max_failures"] = 1
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
-    training_past(client, job_id, 90)
+    training_past(client, job_id, 45)
     (worker,) = train_worker_pids()
     os.kill(worker, signal.SIGKILL)
     job = finished(client, job_id)
@@ -77,16 +77,16 @@ def test_a_killed_training_worker_is_restarted_from_the_latest_checkpoint(
     assert job["attempts"] == 1  # Ray restarted the worker group inside the same run
     starts = run_starts(store, job_id)
     assert starts[0] == 0 and len(starts) == 2, starts
-    assert starts[1] > 0 and starts[1] % 40 == 0, starts  # the epoch after a checkpoint
+    assert starts[1] > 0 and starts[1] % 20 == 0, starts  # the epoch after a checkpoint
 
 
 def test_a_hung_rank_is_caught_by_the_progress_deadline_and_the_stage_retried(
     client: TestClient, store: JobStore, dispatcher: Dispatcher
 ) -> None:
-    spec = digits_spec(epochs=300, workers=2, checkpoint_every=30)
+    spec = digits_spec(epochs=160, workers=2, checkpoint_every=20)
     spec["resources"].update(max_failures=1, progress_timeout_s=6)
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
-    training_past(client, job_id, 70)
+    training_past(client, job_id, 45)
     stopped = train_worker_pids()[-1]
     os.kill(stopped, signal.SIGSTOP)
     try:
@@ -100,7 +100,7 @@ def test_a_hung_rank_is_caught_by_the_progress_deadline_and_the_stage_retried(
     assert any("no epoch finished" in w and "restarted" in w for w in job["warnings"]), job
     starts = run_starts(store, job_id)
     assert starts[0] == 0 and len(starts) == 2, starts
-    assert starts[1] > 0 and starts[1] % 30 == 0, starts
+    assert starts[1] > 0 and starts[1] % 20 == 0, starts
 
 
 def test_a_dispatcher_killed_after_its_claim_or_before_the_artifacts_is_taken_over(
