@@ -575,6 +575,7 @@ def test_a_job_whose_runner_keeps_dying_fails_after_max_takeovers(store: JobStor
 
 def test_a_tenant_at_its_limit_of_open_jobs_is_refused_until_one_ends(store: JobStore) -> None:
     first = store.submit(new_job("acme"), max_open=2)[0]
+    time.sleep(0.002)  # ids carry the submission time in milliseconds: first stays first
     store.submit(new_job("acme"), "key-2", max_open=2)
     with pytest.raises(TooManyJobs):
         store.submit(new_job("acme"), max_open=2)

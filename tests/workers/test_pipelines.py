@@ -115,8 +115,8 @@ def test_a_stage_larger_than_the_cluster_fails_with_a_reason(
 def test_a_killed_stacked_job_resumes_at_the_stage_after_the_last_finished(
     client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
 ) -> None:
-    spec = example("stacked-digits.yaml", training__epochs=400, finetune=None)
-    spec["training"]["checkpoint_every"] = 100
+    spec = example("stacked-digits.yaml", training__epochs=250, finetune=None)
+    spec["training"]["checkpoint_every"] = 50
     spec["layers"] = spec["layers"][:2] + [{"units": 12, "activation": "sigmoid"}]
     spec["layers"][0]["objective"] = {"loss": "mse"}
     spec["layers"][1]["objective"] = {"loss": "mse"}
