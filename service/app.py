@@ -16,7 +16,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = connect(settings.require_redis_url())
-        app.state.store = JobStore(client, settings.key_prefix)
+        app.state.store = JobStore(client, settings.key_prefix, settings.retention_s)
         app.state.storage = Storage(settings.storage_root)
         try:
             yield

@@ -270,7 +270,7 @@ def keys_create(
     """Create an API key; prints it once, as the last line (only its hash is kept)."""
     store = _key_store()
     try:
-        key_id, key = store.create_api_key(tenant)
+        key_id, key = store.api_keys.create(tenant)
     except ValueError as exc:
         raise _fail(str(exc)) from None
     err.print(f"API key {key_id} of tenant {tenant!r}; it is shown only now:", highlight=False)
@@ -280,7 +280,7 @@ def keys_create(
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="id from `aetrain keys list`")]) -> None:
     """Revoke an API key at once."""
-    if not _key_store().revoke_api_key(key_id):
+    if not _key_store().api_keys.revoke(key_id):
         raise _fail(f"no live API key with id {key_id!r}")
     console.print(f"revoked {key_id}")
 
@@ -291,7 +291,7 @@ def keys_list(
 ) -> None:
     """List API keys (ids and tenants; a key itself is never stored)."""
     table = Table("id", "tenant", "created_at", "revoked_at")
-    for info in _key_store().list_api_keys(tenant):
+    for info in _key_store().api_keys.list(tenant):
         table.add_row(info["key_id"], info["tenant"], info["created_at"], info["revoked_at"] or "")
     console.print(table)
 

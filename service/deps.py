@@ -51,7 +51,7 @@ def get_tenant(
         return DEFAULT_TENANT
     if credentials is None:
         raise Unauthenticated()
-    tenant = store.tenant_for_key(credentials.credentials)
+    tenant = store.api_keys.tenant_for_key(credentials.credentials)
     if tenant is None:
         raise Unauthenticated()
     return tenant

@@ -12,7 +12,11 @@
     ├── DatasetNotFound        no such uploaded dataset (or not the caller's)
     ├── DatasetInvalid         an upload that is not a dataset we can train on
     ├── UploadTooLarge         an upload past the size cap
-    └── TooManyJobs            a tenant at its limit of queued and running jobs
+    ├── TooManyJobs            a tenant at its limit of queued and running jobs
+    ├── RateLimited            a tenant past its submissions per minute
+    ├── PriorityNotAllowed     a priority above what the caller's API key allows
+    ├── BodyTooLarge           a JSON request body past its cap
+    └── ForeignOrigin          a request from another site or host to a local, keyless API
 
 Each error keeps its constructor arguments in ``args`` and formats its message in ``__str__``,
 so it survives pickling across processes.
@@ -129,3 +133,43 @@ class TooManyJobs(TrainServiceError):
     def __str__(self) -> str:
         return (f"tenant {self.tenant!r} has {self.limit} jobs queued or running, its limit; "
                 "submit again when one has finished")  # fmt: skip
+
+
+class RateLimited(TrainServiceError):
+    def __init__(self, tenant: str, limit: int, retry_after_s: int = 60) -> None:
+        super().__init__(tenant, limit, retry_after_s)
+        self.tenant, self.limit, self.retry_after_s = tenant, limit, retry_after_s
+
+    def __str__(self) -> str:
+        return (f"tenant {self.tenant!r} has submitted {self.limit} jobs this minute, its "
+                f"limit; try again in {self.retry_after_s} s")  # fmt: skip
+
+
+class PriorityNotAllowed(TrainServiceError):
+    def __init__(self, priority: int, allowed: int) -> None:
+        super().__init__(priority, allowed)
+        self.priority, self.allowed = priority, allowed
+
+    def __str__(self) -> str:
+        return f"priority {self.priority} is above {self.allowed}, the most this API key allows"
+
+
+class BodyTooLarge(TrainServiceError):
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_bytes)
+        self.max_bytes = max_bytes
+
+    def __str__(self) -> str:
+        return (f"the request body is larger than the limit of {self.max_bytes} bytes "
+                "(AETRAIN_MAX_BODY_BYTES)")  # fmt: skip
+
+
+class ForeignOrigin(TrainServiceError):
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+    def __str__(self) -> str:
+        return (f"refused: {self.what}. With auth off the API answers only requests addressed "
+                "to a loopback host from no other site (DNS rebinding and cross-site requests "
+                "could reach it otherwise)")  # fmt: skip

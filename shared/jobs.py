@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import InvalidTransition
+from shared.metrics import Metrics
 from shared.specs import AnyJobSpec, JobSpec
 from shared.stages import plan_stages
 
@@ -77,14 +78,18 @@ class StageRecord(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     epoch: int | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: Metrics = Field(
+        default_factory=dict, description="latest metrics; null where one was not finite"
+    )
     needs: list[str] = Field(default_factory=list, description="stages that must finish first")
     epochs: int = Field(default=0, description="epochs the stage will train")
     resources: dict[str, float] = Field(
         default_factory=dict, description="what the stage asks of the cluster (CPU, GPU, workers)"
     )
     checkpoint: str | None = Field(default=None, description="the stage's final checkpoint")
-    result: dict[str, float] = Field(default_factory=dict, description="final metrics")
+    result: Metrics = Field(
+        default_factory=dict, description="final metrics; null where one was not finite"
+    )
 
 
 class JobRecord(BaseModel):
@@ -101,7 +106,9 @@ class JobRecord(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     epoch: int | None = Field(default=None, description="latest finished epoch (0-based)")
-    metrics: dict[str, float] = Field(default_factory=dict, description="latest metrics")
+    metrics: Metrics = Field(
+        default_factory=dict, description="latest metrics; null where one was not finite"
+    )
     stages: list[StageRecord] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     error: str | None = None

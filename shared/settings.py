@@ -30,7 +30,20 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = Field(
         default=1024 * 2**20, ge=1024, description="cap on a dataset's arrays once unpacked"
     )
+    max_submissions_per_minute: int = Field(
+        default=600, ge=1, le=1_000_000, description="job submissions per tenant and minute (429)"
+    )
+    max_body_bytes: int = Field(
+        default=2**20, ge=1024, le=2**30, description="cap on a JSON request body (413)"
+    )
+    retention_days: float = Field(
+        default=30.0, gt=0, le=36_500, description="finished jobs are deleted after this long"
+    )
     ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
+
+    @property
+    def retention_s(self) -> float:
+        return self.retention_days * 86_400
 
     @property
     def storage_root(self) -> str:

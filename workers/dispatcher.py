@@ -14,10 +14,11 @@ import redis
 import torch
 from threadpoolctl import threadpool_limits
 
+from shared.claims import Claim
 from shared.errors import LeaseLost
 from shared.jobs import JobRecord, JobState
 from shared.storage import Storage
-from shared.store import DEFAULT_MAX_TAKEOVERS, Claim, JobStore
+from shared.store import DEFAULT_MAX_TAKEOVERS, JobStore
 from workers.faults import pause_at
 from workers.lease import LeaseKeeper
 from workers.results import finalize
@@ -123,9 +124,9 @@ class Dispatcher:
         if not self._running:
             return True
         try:
-            if set(self._running) - self.store.asking_jobs():
+            if set(self._running) - self.store.scheduler.asking_jobs():
                 return False  # a job just claimed has not asked for its resources yet
-            used, waiting = self.store.reserved()
+            used, waiting = self.store.scheduler.reserved()
             free_cpus = ray.cluster_resources().get("CPU", 0.0) - used.get("CPU", 0.0)
         except Exception as exc:  # Redis or Ray unreachable: claiming would fail too
             self._complain(f"could not read the cluster's free resources: {exc}")
@@ -147,7 +148,7 @@ class Dispatcher:
             "seen_at": datetime.now(UTC).isoformat(),
         }
         try:
-            self.store.register_dispatcher(self.id, info, ttl_s=10.0)
+            self.store.dispatchers.register(self.id, info, ttl_s=10.0)
         except redis.RedisError as exc:
             self._complain(f"could not register in Redis: {exc}")
 

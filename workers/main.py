@@ -31,7 +31,7 @@ def run_worker(settings: Settings | None = None) -> None:
     settings = settings or Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     redis_url = settings.require_redis_url()
-    store = JobStore(connect(redis_url), settings.key_prefix)
+    store = JobStore(connect(redis_url), settings.key_prefix, settings.retention_s)
     storage = Storage(settings.storage_root)
     storage.root.mkdir(parents=True, exist_ok=True)
     ray_address = connect_ray(settings.ray_address)

@@ -21,7 +21,7 @@ def readyz(store: StoreDep) -> JSONResponse | dict[str, Any]:
     """Ready when Redis answers and a dispatcher (which holds the Ray connection) is alive."""
     try:
         store.ping()
-        dispatchers = store.live_dispatchers()
+        dispatchers = store.dispatchers.live()
     except Exception as exc:
         return JSONResponse({"ready": False, "redis": f"unreachable: {exc}"}, status_code=503)
     body = {"ready": bool(dispatchers), "redis": "ok", "dispatchers": dispatchers}

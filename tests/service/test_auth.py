@@ -49,9 +49,9 @@ def assert_unauthenticated(response: httpx.Response) -> None:
 
 
 def test_every_bad_key_gets_the_same_401(api: TestClient, store: JobStore) -> None:
-    key_id, key = store.create_api_key("alice")
-    revoked_id, revoked = store.create_api_key("alice")
-    assert store.revoke_api_key(revoked_id)
+    key_id, key = store.api_keys.create("alice")
+    revoked_id, revoked = store.api_keys.create("alice")
+    assert store.api_keys.revoke(revoked_id)
     unknown = f"aet_{key_id[::-1]}_{key.split('_', 2)[2]}"  # well-formed, never issued
     bad_headers: list[dict[str, str]] = [
         {},
@@ -78,7 +78,7 @@ def test_every_bad_key_gets_the_same_401(api: TestClient, store: JobStore) -> No
 
 
 def test_a_valid_key_acts_as_its_tenant(api: TestClient, store: JobStore) -> None:
-    _, key = store.create_api_key("alice")
+    _, key = store.api_keys.create("alice")
     created = api.post("/v1/jobs", json=digits_spec(), headers=bearer(key))
     assert created.status_code == 201
     assert store.get(created.json()["id"]).tenant == "alice"
@@ -87,24 +87,24 @@ def test_a_valid_key_acts_as_its_tenant(api: TestClient, store: JobStore) -> Non
 
 
 def test_a_revoked_key_stops_working_at_once(api: TestClient, store: JobStore) -> None:
-    key_id, key = store.create_api_key("alice")
-    _, other = store.create_api_key("alice")
+    key_id, key = store.api_keys.create("alice")
+    _, other = store.api_keys.create("alice")
     assert api.get("/v1/jobs", headers=bearer(key)).status_code == 200
-    assert store.revoke_api_key(key_id)
+    assert store.api_keys.revoke(key_id)
     assert_unauthenticated(api.get("/v1/jobs", headers=bearer(key)))
     assert api.get("/v1/jobs", headers=bearer(other)).status_code == 200  # only that key
-    assert not store.revoke_api_key(key_id)
-    assert not store.revoke_api_key("000000000000")
-    listed = {info["key_id"]: info for info in store.list_api_keys("alice")}
+    assert not store.api_keys.revoke(key_id)
+    assert not store.api_keys.revoke("000000000000")
+    listed = {info["key_id"]: info for info in store.api_keys.list("alice")}
     assert listed[key_id]["revoked_at"] is not None
 
 
 def test_list_api_keys_filters_by_tenant_and_never_shows_a_secret(store: JobStore) -> None:
-    made = [store.create_api_key(tenant) for tenant in ("alice", "bob", "alice")]
-    everything = store.list_api_keys()
+    made = [store.api_keys.create(tenant) for tenant in ("alice", "bob", "alice")]
+    everything = store.api_keys.list()
     assert [info["key_id"] for info in everything] == [key_id for key_id, _ in made]
-    assert [info["tenant"] for info in store.list_api_keys("alice")] == ["alice", "alice"]
-    assert set(everything[0]) == {"key_id", "tenant", "created_at", "revoked_at"}
+    assert [info["tenant"] for info in store.api_keys.list("alice")] == ["alice", "alice"]
+    assert set(everything[0]) == {"key_id", "tenant", "created_at", "revoked_at", "max_priority"}
     for _, key in made:
         assert key not in repr(everything)
 
@@ -112,8 +112,8 @@ def test_list_api_keys_filters_by_tenant_and_never_shows_a_secret(store: JobStor
 @pytest.mark.parametrize("tenant", ["", "Alice", "-x", "a b", "a/b", "x" * 64, "é"])
 def test_a_bad_tenant_name_is_refused(store: JobStore, tenant: str) -> None:
     with pytest.raises(ValueError, match="tenant"):
-        store.create_api_key(tenant)
-    assert store.list_api_keys() == []
+        store.api_keys.create(tenant)
+    assert store.api_keys.list() == []
 
 
 READ_ALL = {
@@ -136,7 +136,7 @@ def redis_contents(store: JobStore) -> str:
 
 
 def test_keys_are_stored_only_as_hashes(api: TestClient, store: JobStore) -> None:
-    keys = [store.create_api_key(tenant)[1] for tenant in ("alice", "bob")]
+    keys = [store.api_keys.create(tenant)[1] for tenant in ("alice", "bob")]
     for key in keys:  # a request leaves no trace of the key either
         assert api.post("/v1/jobs", json=digits_spec(), headers=bearer(key)).status_code == 201
     contents = redis_contents(store)
@@ -187,8 +187,8 @@ def test_another_tenants_job_is_a_404_exactly_like_an_unknown_one(
     api: TestClient, store: JobStore, storage: Storage
 ) -> None:
     done = succeeded_job(store, storage, tenant="alice")
-    _, alice = store.create_api_key("alice")
-    _, bob = store.create_api_key("bob")
+    _, alice = store.api_keys.create("alice")
+    _, bob = store.api_keys.create("bob")
     queued = api.post("/v1/jobs", json=digits_spec(), headers=bearer(alice)).json()["id"]
     bobs = api.post("/v1/jobs", json=digits_spec(), headers=bearer(bob)).json()["id"]
 
@@ -221,8 +221,8 @@ def test_another_tenants_job_is_a_404_exactly_like_an_unknown_one(
 
 
 def test_idempotency_keys_are_per_tenant(api: TestClient, store: JobStore) -> None:
-    _, alice = store.create_api_key("alice")
-    _, bob = store.create_api_key("bob")
+    _, alice = store.api_keys.create("alice")
+    _, bob = store.api_keys.create("bob")
     same = {"Idempotency-Key": "shared-name"}
     first = api.post("/v1/jobs", json=digits_spec(), headers={**bearer(alice), **same})
     second = api.post("/v1/jobs", json=digits_spec(), headers={**bearer(bob), **same})
@@ -265,7 +265,7 @@ def test_keys_find_the_embedded_redis_and_refuse_a_bad_tenant(
     (home / "redis.url").write_text(redis_url + "\n")  # as `aetrain up` leaves it
     created = CliRunner().invoke(cli_app, ["keys", "create", "--tenant", "dave"], env=env)
     assert created.exit_code == 0, created.output
-    assert store.tenant_for_key(created.stdout.strip().splitlines()[-1]) == "dave"
+    assert store.api_keys.tenant_for_key(created.stdout.strip().splitlines()[-1]) == "dave"
     bad = CliRunner().invoke(cli_app, ["keys", "create", "--tenant", "Not OK"], env=env)
     assert bad.exit_code == 1 and "tenant" in bad.stderr
     (home / "redis.url").write_text(f"redis://127.0.0.1:{free_port()}/0\n")  # a stopped stack
@@ -281,7 +281,7 @@ def served(auth_settings: Settings, store: JobStore) -> Iterator[str]:
 
 
 def test_the_cli_sends_aetrain_api_key(served: str, store: JobStore) -> None:
-    _, key = store.create_api_key("erin")
+    _, key = store.api_keys.create("erin")
     args = ["list", "--url", served]
     anonymous = CliRunner().invoke(cli_app, args, env={"AETRAIN_API_KEY": None})
     assert anonymous.exit_code == 1

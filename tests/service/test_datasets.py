@@ -101,8 +101,8 @@ def test_an_unknown_dataset_id_is_404(client: TestClient) -> None:
 def test_uploads_belong_to_their_tenant(client: TestClient, store: JobStore) -> None:
     x, y = digits_images()
     info = upload(client, npz_bytes(x=x, y=y)).json()
-    assert store.get_dataset("default", info["id"]).id == info["id"]
-    assert store.list_datasets("someone-else") == []
+    assert store.datasets.get("default", info["id"]).id == info["id"]
+    assert store.datasets.list("someone-else") == []
 
 
 def huge_npy_header() -> bytes:

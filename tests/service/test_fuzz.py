@@ -60,7 +60,7 @@ def test_operation_never_fails_and_matches_its_schema(
     done = succeeded_job(store, storage)
     queued, _ = store.submit(JobRecord.for_spec(parse_job_spec(digits_spec())))
     real_ids = [done.id, queued.id]
-    store.register_dispatcher("fuzz", {"id": "fuzz"}, ttl_s=600)  # /readyz: 200, not its 503
+    store.dispatchers.register("fuzz", {"id": "fuzz"}, ttl_s=600)  # /readyz: 200, not its 503
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(settings))
     operation = schema.find_operation_by_label(label)
     assert operation is not None

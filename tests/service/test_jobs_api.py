@@ -180,7 +180,7 @@ def test_health_and_readiness(client: TestClient, store: JobStore) -> None:
     not_ready = client.get("/readyz")
     assert not_ready.status_code == 503
     assert "dispatcher" in not_ready.json()["reason"]
-    store.register_dispatcher("d1", {"id": "d1"}, ttl_s=5)
+    store.dispatchers.register("d1", {"id": "d1"}, ttl_s=5)
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert [d["id"] for d in ready.json()["dispatchers"]] == ["d1"]

@@ -6,6 +6,7 @@ from typing import Any, cast
 
 import pytest
 
+from shared.claims import Claim
 from shared.errors import (
     IdempotencyConflict,
     InvalidTransition,
@@ -15,7 +16,7 @@ from shared.errors import (
 )
 from shared.jobs import JobRecord, JobState, StageState
 from shared.specs import parse_job_spec
-from shared.store import Claim, JobStore, connect
+from shared.store import JobStore, connect
 from tests.specs import digits_spec
 
 LONG_LEASE_S = 30.0
@@ -40,12 +41,12 @@ def claim(store: JobStore, consumer: str = "c1", lease_ttl_s: float = LONG_LEASE
 
 
 def queue_length(store: JobStore) -> int:
-    return int(store.redis.zcard(store.queue_key))
+    return len(store.queued_ids())
 
 
 def pending(store: JobStore) -> int:
     """Jobs claimed and not finished: the ones a takeover would look at."""
-    return int(store.redis.scard(store.active_key))
+    return int(store.redis.scard(store.keys.active))
 
 
 def raw(store: JobStore, job_id: str) -> str | None:
@@ -506,50 +507,51 @@ def claimed_jobs(
 
 def test_stages_are_granted_while_they_fit_and_a_big_one_waits_for_room(store: JobStore) -> None:
     a, b, c = claimed_jobs(store, [0, 0, 0])
-    assert store.reserve(a, "train", {"CPU": 1}, CLUSTER) == "granted"
-    assert store.reserve(b, "train", {"CPU": 1}, CLUSTER) == "granted"
-    assert store.reserved() == ({"CPU": 2.0}, 0)
-    assert store.reserve(c, "train", {"CPU": 2}, CLUSTER) == "no room"
-    store.release(a.job.id, "train")
-    assert store.reserve(c, "train", {"CPU": 2}, CLUSTER) == "no room"
-    store.release(b.job.id, "train")
-    assert store.reserve(c, "train", {"CPU": 2}, CLUSTER) == "granted"
-    assert store.reserved() == ({"CPU": 2.0}, 0)
+    assert store.scheduler.reserve(a, "train", {"CPU": 1}, CLUSTER) == "granted"
+    assert store.scheduler.reserve(b, "train", {"CPU": 1}, CLUSTER) == "granted"
+    assert store.scheduler.reserved() == ({"CPU": 2.0}, 0)
+    assert store.scheduler.reserve(c, "train", {"CPU": 2}, CLUSTER) == "no room"
+    store.scheduler.release(a, "train")
+    assert store.scheduler.reserve(c, "train", {"CPU": 2}, CLUSTER) == "no room"
+    store.scheduler.release(b, "train")
+    assert store.scheduler.reserve(c, "train", {"CPU": 2}, CLUSTER) == "granted"
+    assert store.scheduler.reserved() == ({"CPU": 2.0}, 0)
 
 
 def test_a_waiting_stage_is_not_overtaken_by_a_younger_small_one(store: JobStore) -> None:
     a, big, small = claimed_jobs(store, [0, 0, 0])
-    assert store.reserve(a, "train", {"CPU": 1}, CLUSTER) == "granted"
-    assert store.reserve(big, "train", {"CPU": 2}, CLUSTER) == "no room"
+    assert store.scheduler.reserve(a, "train", {"CPU": 1}, CLUSTER) == "granted"
+    assert store.scheduler.reserve(big, "train", {"CPU": 2}, CLUSTER) == "no room"
     # one CPU is free, but the older stage asked first: no starvation of big stages
-    assert store.reserve(small, "train", {"CPU": 1}, CLUSTER) == "behind"
-    assert store.reserved() == ({"CPU": 1.0}, 2)
-    store.release(a.job.id, "train")
-    assert store.reserve(small, "train", {"CPU": 1}, CLUSTER) == "behind"
-    assert store.reserve(big, "train", {"CPU": 2}, CLUSTER) == "granted"
+    assert store.scheduler.reserve(small, "train", {"CPU": 1}, CLUSTER) == "behind"
+    assert store.scheduler.reserved() == ({"CPU": 1.0}, 2)
+    store.scheduler.release(a, "train")
+    assert store.scheduler.reserve(small, "train", {"CPU": 1}, CLUSTER) == "behind"
+    assert store.scheduler.reserve(big, "train", {"CPU": 2}, CLUSTER) == "granted"
 
 
 def test_a_higher_priority_ask_goes_first(store: JobStore) -> None:
     by_priority = {c.job.spec.priority: c for c in claimed_jobs(store, [9, 0, 5])}
     first, low, high = by_priority[9], by_priority[0], by_priority[5]
-    assert store.reserve(first, "train", {"CPU": 2}, CLUSTER) == "granted"
-    assert store.reserve(low, "train", {"CPU": 1}, CLUSTER) == "no room"
-    assert store.reserve(high, "train", {"CPU": 1}, CLUSTER) == "no room"  # first in line now
-    store.release(first.job.id, "train")
-    assert store.reserve(low, "train", {"CPU": 1}, CLUSTER) == "behind"
-    assert store.reserve(high, "train", {"CPU": 1}, CLUSTER) == "granted"
+    assert store.scheduler.reserve(first, "train", {"CPU": 2}, CLUSTER) == "granted"
+    assert store.scheduler.reserve(low, "train", {"CPU": 1}, CLUSTER) == "no room"
+    # high is first in line now
+    assert store.scheduler.reserve(high, "train", {"CPU": 1}, CLUSTER) == "no room"
+    store.scheduler.release(first, "train")
+    assert store.scheduler.reserve(low, "train", {"CPU": 1}, CLUSTER) == "behind"
+    assert store.scheduler.reserve(high, "train", {"CPU": 1}, CLUSTER) == "granted"
 
 
 def test_resources_of_a_runner_whose_lease_expired_come_back(store: JobStore) -> None:
     (dead,) = claimed_jobs(store, [0], lease_s=SHORT_LEASE_S)
-    assert store.reserve(dead, "train", {"CPU": 2}, CLUSTER) == "granted"
-    assert store.reserved() == ({"CPU": 2.0}, 0)
+    assert store.scheduler.reserve(dead, "train", {"CPU": 2}, CLUSTER) == "granted"
+    assert store.scheduler.reserved() == ({"CPU": 2.0}, 0)
     time.sleep(SHORT_LEASE_S + 0.3)
-    assert store.reserved() == ({}, 0)
+    assert store.scheduler.reserved() == ({}, 0)
     # the job's next runner holds a new token; the old grant does not count for it either
     again = claim(store, lease_ttl_s=LONG_LEASE_S)
     assert again.job.id == dead.job.id
-    assert store.reserve(again, "train", {"CPU": 2}, CLUSTER) == "granted"
+    assert store.scheduler.reserve(again, "train", {"CPU": 2}, CLUSTER) == "granted"
 
 
 # -- limits: poison jobs and per-tenant quotas ------------------------------------------------
@@ -599,9 +601,9 @@ def test_without_room_only_a_job_whose_runner_died_is_taken(store: JobStore) -> 
     assert again is not None and again.job.id == dead.job.id
     assert store.claim("c2", LONG_LEASE_S, BLOCK_MS, takeovers_only=True) is None
     assert store.queued_ids() == [queued.id]
-    assert store.asking_jobs() == set()
-    store.reserve(again, "train", {"CPU": 1}, CLUSTER)
-    assert store.asking_jobs() == {dead.job.id}
+    assert store.scheduler.asking_jobs() == set()
+    store.scheduler.reserve(again, "train", {"CPU": 1}, CLUSTER)
+    assert store.scheduler.asking_jobs() == {dead.job.id}
 
 
 def test_a_runner_that_is_stopping_claims_nothing(store: JobStore) -> None:

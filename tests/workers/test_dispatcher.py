@@ -186,7 +186,7 @@ def test_two_dispatchers_run_each_of_four_jobs_exactly_once(
         assert len(tokens) == 1, tokens  # every epoch came from one run
         attempts = sorted(p.name for p in (storage.root / "jobs" / job["id"]).glob("attempt-*"))
         assert len(attempts) == 1
-    assert store.queued_ids() == [] and store.redis.scard(store.active_key) == 0
+    assert store.queued_ids() == [] and store.redis.scard(store.keys.active) == 0
 
 
 def test_stages_of_two_jobs_share_the_cluster_and_a_two_worker_stage_waits_for_both(
@@ -220,4 +220,4 @@ def test_stages_of_two_jobs_share_the_cluster_and_a_two_worker_stage_waits_for_b
     (a_start, a_end), (b_start, b_end), (big_start, _) = spans
     assert max(a_start, b_start) < min(a_end, b_end), spans  # the two 1-worker stages overlap
     assert big_start >= max(a_end, b_end), spans  # the 2-worker stage waited for both
-    assert store.reserved() == ({}, 0)
+    assert store.scheduler.reserved() == ({}, 0)

@@ -4,9 +4,10 @@ import time
 
 import pytest
 
+from shared.claims import Claim
 from shared.jobs import JobRecord
 from shared.specs import parse_job_spec
-from shared.store import Claim, JobStore
+from shared.store import JobStore
 from tests.specs import digits_spec
 from workers.runner import ProgressWatch, Stalled, Stopped, StopReason
 
