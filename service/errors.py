@@ -1,5 +1,6 @@
 """Errors to HTTP: our domain errors, Redis outages and spec validation errors."""
 
+import logging
 import re
 from typing import Any
 
@@ -10,18 +11,26 @@ from fastapi.responses import JSONResponse
 
 from shared.errors import (
     ArtifactNotFound,
+    BodyTooLarge,
+    DatasetInUse,
     DatasetInvalid,
     DatasetNotFound,
+    ForeignOrigin,
     IdempotencyConflict,
     InvalidTransition,
     JobNotFound,
+    QuotaExceeded,
+    RateLimited,
     ResultNotReady,
     TooManyJobs,
+    TooManyStreams,
     TrainServiceError,
     Unauthenticated,
     UploadTooLarge,
 )
 from shared.specs import UNION_TAGS
+
+log = logging.getLogger("aetrain.api")
 
 STATUS: dict[type[TrainServiceError], int] = {
     JobNotFound: 404,
@@ -34,6 +43,12 @@ STATUS: dict[type[TrainServiceError], int] = {
     DatasetInvalid: 422,
     UploadTooLarge: 413,
     TooManyJobs: 429,
+    RateLimited: 429,
+    TooManyStreams: 429,
+    BodyTooLarge: 413,
+    ForeignOrigin: 403,
+    QuotaExceeded: 507,
+    DatasetInUse: 409,
 }
 
 # Seconds a client should wait before trying again, per status.
@@ -78,7 +93,9 @@ def install_error_handlers(app: FastAPI) -> None:
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 400)
         # RFC 6750: a 401 names the scheme the client should retry with.
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
-        if status in _RETRY_AFTER:
+        if isinstance(exc, RateLimited):
+            headers["Retry-After"] = str(exc.retry_after_s)
+        elif status in _RETRY_AFTER:
             headers["Retry-After"] = _RETRY_AFTER[status]
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
@@ -94,14 +111,44 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": field_errors(exc.errors())}, status_code=422)
 
     async def on_redis_down(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            {"detail": f"the job store (Redis) is unavailable: {type(exc).__name__}"},
-            status_code=503,
-            headers={"Retry-After": "2"},
-        )
+        return _unavailable(type(exc).__name__)
+
+    async def on_redis_refused(request: Request, exc: Exception) -> JSONResponse:
+        # A reply error of a healthy command is a bug of ours (500); one that says Redis
+        # cannot take writes now (out of memory, a failed snapshot, a read-only replica,
+        # loading) is an outage the client should wait out.
+        reason = str(exc).split(" ", 1)[0].upper()
+        if isinstance(exc, redis.exceptions.ExecAbortError):  # a MULTI aborted by one of the above
+            reason = str(exc).rsplit(" ", 1)[-1].upper().strip(".")
+        if isinstance(exc, _REDIS_OUTAGES) or reason in _REDIS_OUTAGE_REPLIES:
+            log.warning("Redis refused a command: %s", exc)
+            return _unavailable(reason or type(exc).__name__)
+        log.error("Redis reply error: %s", exc)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
 
     app.add_exception_handler(TrainServiceError, on_domain_error)
     app.add_exception_handler(DatasetInvalid, on_invalid_dataset)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(redis.ConnectionError, on_redis_down)
     app.add_exception_handler(redis.TimeoutError, on_redis_down)
+    app.add_exception_handler(redis.ResponseError, on_redis_refused)
+
+
+# Errors that mean "Redis cannot serve writes right now", by class and by reply prefix.
+_REDIS_OUTAGES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+)
+_REDIS_OUTAGE_REPLIES = {"OOM", "MISCONF", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS",
+                         "TRYAGAIN", "BUSY", "CLUSTERDOWN"}  # fmt: skip
+
+
+def _unavailable(reason: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": f"the job store (Redis) is unavailable: {reason}"},
+        status_code=503,
+        headers={"Retry-After": "2"},
+    )

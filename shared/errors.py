@@ -14,9 +14,11 @@
     ├── UploadTooLarge         an upload past the size cap
     ├── TooManyJobs            a tenant at its limit of queued and running jobs
     ├── RateLimited            a tenant past its submissions per minute
-    ├── PriorityNotAllowed     a priority above what the caller's API key allows
     ├── BodyTooLarge           a JSON request body past its cap
-    └── ForeignOrigin          a request from another site or host to a local, keyless API
+    ├── ForeignOrigin          a request from another site or host to a local, keyless API
+    ├── TooManyStreams         a tenant at its limit of open event streams
+    ├── QuotaExceeded          a job or upload past the tenant's storage quota or free disk
+    └── DatasetInUse           a dataset deleted while a queued or running job uses it
 
 Each error keeps its constructor arguments in ``args`` and formats its message in ``__str__``,
 so it survives pickling across processes.
@@ -145,14 +147,6 @@ class RateLimited(TrainServiceError):
                 f"limit; try again in {self.retry_after_s} s")  # fmt: skip
 
 
-class PriorityNotAllowed(TrainServiceError):
-    def __init__(self, priority: int, allowed: int) -> None:
-        super().__init__(priority, allowed)
-        self.priority, self.allowed = priority, allowed
-
-    def __str__(self) -> str:
-        return f"priority {self.priority} is above {self.allowed}, the most this API key allows"
-
 
 class BodyTooLarge(TrainServiceError):
     def __init__(self, max_bytes: int) -> None:
@@ -173,3 +167,33 @@ class ForeignOrigin(TrainServiceError):
         return (f"refused: {self.what}. With auth off the API answers only requests addressed "
                 "to a loopback host from no other site (DNS rebinding and cross-site requests "
                 "could reach it otherwise)")  # fmt: skip
+
+
+class TooManyStreams(TrainServiceError):
+    def __init__(self, tenant: str, limit: int) -> None:
+        super().__init__(tenant, limit)
+        self.tenant, self.limit = tenant, limit
+
+    def __str__(self) -> str:
+        return (f"tenant {self.tenant!r} has {self.limit} event streams open, its limit; close "
+                "one or poll GET /v1/jobs/{id}")  # fmt: skip
+
+
+class QuotaExceeded(TrainServiceError):
+    def __init__(self, what: str, needed: int, available: int) -> None:
+        super().__init__(what, needed, available)
+        self.what, self.needed, self.available = what, needed, available
+
+    def __str__(self) -> str:
+        return (f"{self.what} needs about {self.needed:,} bytes of storage but only "
+                f"{self.available:,} are left")  # fmt: skip
+
+
+class DatasetInUse(TrainServiceError):
+    def __init__(self, dataset_id: str, job_ids: list[str]) -> None:
+        super().__init__(dataset_id, job_ids)
+        self.dataset_id, self.job_ids = dataset_id, job_ids
+
+    def __str__(self) -> str:
+        return (f"dataset {self.dataset_id!r} is used by queued or running jobs "
+                f"{', '.join(self.job_ids)}; delete it once they have finished")  # fmt: skip
