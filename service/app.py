@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.errors import install_error_handlers
+from service.guards import RequestGuard
 from service.routes import datasets, events, health, jobs
 from shared.settings import Settings
 from shared.storage import Storage
@@ -26,6 +27,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="aetrain", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings  # read per request by service.deps (auth on or off)
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, settings=settings)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(events.router)

@@ -45,7 +45,25 @@ def up(
     """Run everything on this machine: Redis, local Ray, a dispatcher and the API."""
     from service.embedded import run_up
 
-    raise typer.Exit(run_up(Settings(), host, port))
+    settings = Settings()
+    if os.environ.get("AETRAIN_AUTH", "off") == "off":
+        warn_if_exposed(host)
+    raise typer.Exit(run_up(settings, host, port))
+
+
+def warn_if_exposed(host: str) -> None:
+    """Auth off on an address others can reach: anyone there may run jobs. Say it loudly."""
+    from service.guards import LOOPBACK_HOSTS, host_of
+
+    if host_of(host) in LOOPBACK_HOSTS:
+        return
+    err.print(
+        f"[bold red]WARNING:[/bold red] the API listens on {host} with auth OFF: anyone who can "
+        "reach this address can submit jobs, read results and delete them. Set AETRAIN_AUTH=on "
+        "and create keys with `aetrain keys create`. With auth off, only requests whose Host is "
+        "a loopback name or listed in AETRAIN_ALLOWED_HOSTS are served.",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -61,6 +79,8 @@ def api(
     settings = Settings()
     if not settings.redis_url:
         raise _fail("AETRAIN_REDIS_URL is not set")
+    if settings.auth == "off":
+        warn_if_exposed(host)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
@@ -266,11 +286,14 @@ def _key_store() -> "JobStore":
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="tenant that owns the key and its jobs")],
+    max_priority: Annotated[
+        int, typer.Option(min=0, max=9, help="highest job priority the key may ask for")
+    ] = 4,
 ) -> None:
     """Create an API key; prints it once, as the last line (only its hash is kept)."""
     store = _key_store()
     try:
-        key_id, key = store.api_keys.create(tenant)
+        key_id, key = store.api_keys.create(tenant, max_priority)
     except ValueError as exc:
         raise _fail(str(exc)) from None
     err.print(f"API key {key_id} of tenant {tenant!r}; it is shown only now:", highlight=False)
@@ -290,9 +313,10 @@ def keys_list(
     tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None,
 ) -> None:
     """List API keys (ids and tenants; a key itself is never stored)."""
-    table = Table("id", "tenant", "created_at", "revoked_at")
+    table = Table("id", "tenant", "max_priority", "created_at", "revoked_at")
     for info in _key_store().api_keys.list(tenant):
-        table.add_row(info["key_id"], info["tenant"], info["created_at"], info["revoked_at"] or "")
+        table.add_row(info["key_id"], info["tenant"], info["max_priority"], info["created_at"],
+                      info["revoked_at"] or "")  # fmt: skip
     console.print(table)
 
 

@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from shared.apikey_store import Caller
 from shared.errors import Unauthenticated
 from shared.settings import Settings
 from shared.storage import Storage
@@ -37,24 +38,33 @@ StoreDep = Annotated[JobStore, Depends(get_store)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
-def get_tenant(
+def get_caller(
+    request: Request,
     settings: SettingsDep,
     store: StoreDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> str:
-    """The caller's tenant: the owner of its bearer key, or `default` with auth off.
+) -> Caller:
+    """The caller: the owner of its bearer key, or the `default` tenant with auth off.
 
-    A missing, malformed, unknown or revoked key is the same 401, so that a caller cannot
-    tell which keys exist.
+    service.guards.RequestGuard authenticates every /v1 request before its body is read and
+    leaves the caller here. A missing, malformed, unknown or revoked key is the same 401, so
+    that a caller cannot tell which keys exist.
     """
     if settings.auth == "off":
-        return DEFAULT_TENANT
-    if credentials is None:
+        return Caller(DEFAULT_TENANT)
+    caller: Caller | None = request.scope.get("state", {}).get("caller")
+    if caller is None and credentials is not None:  # a route outside /v1 that wants a key
+        caller = store.api_keys.caller(credentials.credentials)
+    if caller is None:
         raise Unauthenticated()
-    tenant = store.api_keys.tenant_for_key(credentials.credentials)
-    if tenant is None:
-        raise Unauthenticated()
-    return tenant
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def get_tenant(caller: CallerDep) -> str:
+    return caller.tenant
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]

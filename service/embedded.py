@@ -104,6 +104,8 @@ def start_redis(home: Path, env: dict[str, str], logs: Path) -> tuple[Child, str
         "--appendonly", "yes",
         "--appendfsync", "always",
         "--save", "",
+        # A full Redis must refuse writes (503 to clients), never drop job records.
+        "--maxmemory-policy", "noeviction",
     ]  # fmt: skip
     try:
         child = _spawn("redis", args, env, logs, signal.SIGTERM)

@@ -88,9 +88,14 @@ def field_errors(errors: Any) -> list[dict[str, Any]]:
     return out
 
 
+def status_for(exc: TrainServiceError) -> int:
+    return next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 400)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
-        status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 400)
+        assert isinstance(exc, TrainServiceError)
+        status = status_for(exc)
         # RFC 6750: a 401 names the scheme the client should retry with.
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
         if isinstance(exc, RateLimited):
@@ -117,14 +122,12 @@ def install_error_handlers(app: FastAPI) -> None:
         # A reply error of a healthy command is a bug of ours (500); one that says Redis
         # cannot take writes now (out of memory, a failed snapshot, a read-only replica,
         # loading) is an outage the client should wait out.
-        reason = str(exc).split(" ", 1)[0].upper()
-        if isinstance(exc, redis.exceptions.ExecAbortError):  # a MULTI aborted by one of the above
-            reason = str(exc).rsplit(" ", 1)[-1].upper().strip(".")
-        if isinstance(exc, _REDIS_OUTAGES) or reason in _REDIS_OUTAGE_REPLIES:
-            log.warning("Redis refused a command: %s", exc)
-            return _unavailable(reason or type(exc).__name__)
-        log.error("Redis reply error: %s", exc)
-        return JSONResponse({"detail": "internal error"}, status_code=500)
+        reason = redis_outage(exc)
+        if reason is None:
+            log.error("Redis reply error: %s", exc)
+            return JSONResponse({"detail": "internal error"}, status_code=500)
+        log.warning("Redis refused a command (%s): %s", reason, exc)
+        return _unavailable(reason)
 
     app.add_exception_handler(TrainServiceError, on_domain_error)
     app.add_exception_handler(DatasetInvalid, on_invalid_dataset)
@@ -134,16 +137,28 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(redis.ResponseError, on_redis_refused)
 
 
-# Errors that mean "Redis cannot serve writes right now", by class and by reply prefix.
-_REDIS_OUTAGES = (
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.MasterDownError,
-    redis.exceptions.TryAgainError,
-)
+# Replies that mean "Redis cannot serve writes right now". redis-py strips the code from the
+# message of the errors it has a class for, so those are matched by class.
+_REDIS_OUTAGES: dict[type[Exception], str] = {
+    redis.exceptions.OutOfMemoryError: "OOM",
+    redis.exceptions.ReadOnlyError: "READONLY",
+    redis.exceptions.BusyLoadingError: "LOADING",
+    redis.exceptions.MasterDownError: "MASTERDOWN",
+    redis.exceptions.TryAgainError: "TRYAGAIN",
+}
 _REDIS_OUTAGE_REPLIES = {"OOM", "MISCONF", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS",
                          "TRYAGAIN", "BUSY", "CLUSTERDOWN"}  # fmt: skip
+
+
+def redis_outage(exc: Exception) -> str | None:
+    """The reply code when `exc` says Redis refuses writes for now (OOM, MISCONF, ...)."""
+    for cls, code in _REDIS_OUTAGES.items():
+        if isinstance(exc, cls):
+            return code
+    words = str(exc).replace(".", " ").split()
+    if isinstance(exc, redis.exceptions.ExecAbortError):  # a MULTI aborted by one of these
+        return next((w for w in words if w in _REDIS_OUTAGE_REPLIES), None)
+    return words[0] if words and words[0] in _REDIS_OUTAGE_REPLIES else None
 
 
 def _unavailable(reason: str) -> JSONResponse:

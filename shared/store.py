@@ -15,6 +15,7 @@ record change is announced on a capped `changes` stream that live event streams 
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -84,6 +85,21 @@ def connect(url: str) -> redis.Redis:
     )
 
 
+def warn_if_redis_evicts(store: "JobStore", log: logging.Logger) -> None:
+    """Say so loudly at start when Redis may evict keys: a job evicted is a job lost."""
+    try:
+        policy = store.eviction_policy()
+    except redis.RedisError as exc:
+        log.warning("could not read Redis's maxmemory-policy: %s", exc)
+        return
+    if policy != "noeviction":
+        log.warning(
+            "Redis's maxmemory-policy is %r: under memory pressure it may delete job records "
+            "and queues. Set `maxmemory-policy noeviction` (a full Redis then refuses writes, "
+            "which the API reports as 503).", policy,
+        )  # fmt: skip
+
+
 def spec_digest(spec_json: str) -> str:
     return hashlib.sha256(spec_json.encode()).hexdigest()
 
@@ -114,6 +130,17 @@ class JobStore:
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
+
+    def eviction_policy(self) -> str:
+        """Redis's maxmemory-policy; anything but `noeviction` may silently drop jobs.
+
+        "unknown" where CONFIG is not allowed (some managed Redis services).
+        """
+        try:
+            reply = self.redis.config_get("maxmemory-policy")
+        except redis.ResponseError:
+            return "unknown"
+        return str(reply.get("maxmemory-policy", "unknown"))
 
     # -- submission and reads -----------------------------------------------------------------
     def submit(

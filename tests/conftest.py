@@ -66,9 +66,12 @@ def storage(tmp_path: Path) -> Storage:
 
 @pytest.fixture
 def settings(redis_url: str, storage: Storage, tmp_path: Path) -> Settings:
+    # Starlette's TestClient sends `Host: testserver`, which the local (auth off) API refuses
+    # unless it is allowed, as a real deployment would allow its own name.
     return Settings(
-        home=tmp_path / "home", storage=str(storage.root), redis_url=redis_url, auth="off"
-    )
+        home=tmp_path / "home", storage=str(storage.root), redis_url=redis_url, auth="off",
+        allowed_hosts="testserver",
+    )  # fmt: skip
 
 
 @pytest.fixture

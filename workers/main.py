@@ -8,7 +8,7 @@ import ray
 
 from shared.settings import Settings
 from shared.storage import Storage
-from shared.store import JobStore, connect
+from shared.store import JobStore, connect, warn_if_redis_evicts
 from workers.dispatcher import Dispatcher
 
 
@@ -32,6 +32,7 @@ def run_worker(settings: Settings | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     redis_url = settings.require_redis_url()
     store = JobStore(connect(redis_url), settings.key_prefix, settings.retention_s)
+    warn_if_redis_evicts(store, logging.getLogger("aetrain.worker"))
     storage = Storage(settings.storage_root)
     storage.root.mkdir(parents=True, exist_ok=True)
     ray_address = connect_ray(settings.ray_address)
