@@ -6,6 +6,7 @@ from typing import Any
 from torch import nn
 
 from shared.jobs import JobRecord
+from shared.metrics import json_safe
 from shared.specs import AutoencoderSpec, ObjectiveSpec, SemisupervisedSpec, StackedSpec
 from workers.artifacts import ArtifactWriter, final_metrics
 from workers.checkpoints import load_state
@@ -61,11 +62,12 @@ def finalize(
         "normalization": split.normalization.to_json(),
         "input": "raw features: the exported modules include the normalization",
     })  # fmt: skip
-    writer.jsonl("metrics.jsonl", history)
+    writer.jsonl("metrics.jsonl", [json_safe(row) for row in history])
     metrics.update(timings)
     if timings["train_seconds"] > 0 and isinstance(spec, AutoencoderSpec):
         epochs = sum(1 for m in history if m["stage"] == "train")
         metrics["samples_per_s"] = len(split.x_train) * epochs / timings["train_seconds"]
+    metrics = json_safe(metrics)  # e.g. mse_ratio_vs_pca is inf when PCA is exact
     names = writer.result(job.id, metrics)
     return {"metrics": metrics, "artifacts": names}
 

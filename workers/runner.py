@@ -50,6 +50,10 @@ class Stalled(TrainingFailed):
         return (Stalled, (self.stage, self.seconds))
 
 
+class Diverged(TrainingFailed):
+    """The stage's training loss stopped being finite; it ended then, without a retry."""
+
+
 class Stopped(Exception):
     """The run was stopped on purpose (cancel or shutdown), not by a failure."""
 
@@ -112,7 +116,8 @@ def run_stage(
     """Run the stage to its end; returns the child's outcome or raises.
 
     Raises Stopped on cancel or shutdown, LeaseLost when the lease is gone, Stalled past the
-    progress deadline, TrainingFailed when training raised.
+    progress deadline, Diverged when the loss stopped being finite, TrainingFailed when
+    training raised.
     """
     job_id, token = run.claim.job.id, run.claim.token
     workdir = run.log_path.parent
@@ -151,6 +156,8 @@ def run_stage(
     if not outcome_path.exists():
         raise TrainingFailed(f"training process exited with code {child.returncode}")
     outcome: dict[str, Any] = json.loads(outcome_path.read_text())
+    if "diverged_at" in outcome:
+        raise Diverged(outcome["error"])
     if "error" in outcome:
         raise TrainingFailed(outcome["error"])
     return outcome

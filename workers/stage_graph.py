@@ -21,12 +21,14 @@ import torch
 
 from shared.errors import LeaseLost
 from shared.jobs import JobRecord, StageState
+from shared.metrics import Metrics, json_safe
 from shared.stages import StagePlan, plan_stages
 from shared.storage import Storage
 from shared.store import Claim, JobStore
 from workers.checkpoints import load_state
 from workers.lease import LeaseKeeper
 from workers.runner import (
+    Diverged,
     StageRun,
     Stalled,
     Stopped,
@@ -48,6 +50,13 @@ class StageFailed(Exception):
 
     def __str__(self) -> str:
         return f"stage {self.stage}: {self.reason}"
+
+
+class StageDiverged(StageFailed):
+    """A stage whose training loss stopped being finite; its reason names the stage already."""
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,9 @@ class StageGraph:
             if stopped.reason is StopReason.SHUTDOWN and self.job_stopping.is_set():
                 raise StageFailed(stage.name, "stopped: another stage of the job failed") from None
             raise
+        except Diverged as diverged:
+            self._warn(str(diverged))  # the record says why, beside the error
+            raise StageDiverged(stage.name, str(diverged)) from None
         except Exception as exc:
             if isinstance(exc, StageFailed):
                 raise
@@ -212,13 +224,13 @@ class StageGraph:
 
 def stage_result(
     job: JobRecord, stage: StagePlan, checkpoint: str, inputs: dict[str, str], datasets: Path
-) -> dict[str, float]:
-    """The final metrics of a finished stage, from its checkpoint."""
+) -> Metrics:
+    """The final metrics of a finished stage, from its checkpoint (a NaN or inf as None)."""
     task = build_task(job.spec, stage, inputs, datasets)
     task.model.load_state_dict(load_state(Path(checkpoint))["model"])
     task.model.eval()
     with torch.enable_grad():
-        return task.final(task.model)
+        return json_safe(task.final(task.model))
 
 
 def _show(resources: dict[str, float]) -> str:

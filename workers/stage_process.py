@@ -22,7 +22,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import (
 from shared.specs import parse_job_spec
 from workers.checkpoints import prune_run
 from workers.processes import die_with_parent_from_env
-from workers.tasks import checkpoints_to_keep, find_stage
+from workers.tasks import checkpoints_to_keep, find_stage, lr_field
 from workers.train_loop import train_loop_per_worker
 
 RAY_ENV = {
@@ -80,6 +80,14 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         ),
     )
     result = trainer.fit()
+    diverged = (result.return_value or {}).get("diverged_at")
+    if diverged is not None:  # a failure, but one to report, not to retry (train_loop.py)
+        stage = config["stage"]
+        return {
+            "error": f"training diverged at epoch {diverged} of stage {stage}: the loss is not "
+            f"finite (try a lower {lr_field(spec, find_stage(spec, stage))})",
+            "diverged_at": diverged,
+        }
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
     clean_up_checkpoints(config, result, checkpoints_to_keep(spec))

@@ -77,6 +77,14 @@ def find_stage(spec: AnyJobSpec, name: str) -> StagePlan:
     raise ValueError(f"no stage {name!r} in a {spec.kind} job")
 
 
+def lr_field(spec: AnyJobSpec, stage: StagePlan) -> str:
+    """The spec field that sets the learning rate of `stage` (what to lower when it diverges)."""
+    if stage.kind in ("head", "baseline"):
+        return "head.lr"
+    prefix = "pretrain." if isinstance(spec, SemisupervisedSpec) else ""
+    return f"{prefix}finetune.lr" if stage.kind == "finetune" else f"{prefix}training.lr"
+
+
 def job_split(spec: AnyJobSpec, datasets: Path | None) -> Split:
     test_fraction = spec.test_fraction if isinstance(spec, SemisupervisedSpec) else 0.0
     return build_datasets(spec.data, test_fraction, datasets)

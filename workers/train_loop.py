@@ -4,6 +4,7 @@ The same loop trains every kind of stage; what differs (model, data, loss, evalu
 the stage's Task (tasks.py).
 """
 
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from shared.errors import LeaseLost
+from shared.metrics import json_safe
 from shared.specs import parse_job_spec
 from shared.store import JobStore, connect
 from workers.checkpoints import (
@@ -43,16 +45,20 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) 
 
 def publish(store: JobStore, config: dict[str, Any], epoch: int,
             metrics: dict[str, float]) -> bool:  # fmt: skip
-    """Send one epoch's metrics; False only when the lease is someone else's now."""
+    """Send one epoch's metrics (a NaN or inf as null); False only when the lease is lost."""
     try:
         return store.record_progress(
-            config["job_id"], config["token"], config["stage"], epoch, metrics
+            config["job_id"], config["token"], config["stage"], epoch, json_safe(metrics)
         )
     except redis.RedisError:  # Redis down for a moment: this epoch's line is lost, not the run
         return True
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Train the stage; returns None, or {"diverged_at": epoch} when its loss stopped being finite.
+
+    Ray Train hands rank 0's return value to the driver (Result.return_value).
+    """
     spec = parse_job_spec(config["spec"])
     ctx = ray.train.get_context()  # [ray]
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -95,25 +101,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum[1] = batches
         if world_size > 1:
             dist.all_reduce(loss_sum)
+        train_loss = float(loss_sum[0] / loss_sum[1])
         is_last = epoch == training.epochs - 1
         is_checkpoint = is_last or (epoch + 1) % training.checkpoint_every == 0
 
         if rank == 0 and store is not None:
             seconds = time.perf_counter() - started
             metrics = {
-                "train_loss": float(loss_sum[0] / loss_sum[1]),
+                "train_loss": train_loss,
                 **task.evaluate(unwrap(model)),
                 "epoch_seconds": seconds,
                 "samples_per_s": len(train_set) / seconds,
             }
             if not publish(store, config, epoch, metrics):
                 raise LeaseLost(config["job_id"], config["token"])
+        if not math.isfinite(train_loss):
+            # A diverged run stays diverged: more epochs (or Ray's restarts from a checkpoint,
+            # which a raise here would cost, max_failures times) cannot bring it back. The
+            # loss is all-reduced, so every rank returns here, at the same epoch, and the
+            # diverged weights are never checkpointed.
+            if say:
+                say(f"diverged: train_loss {train_loss} at epoch {epoch}")
+            return {"diverged_at": epoch}
         if is_checkpoint:
             report_checkpoint(rank, model, optimizer, epoch, spec_json)
     if start_epoch >= training.epochs > 0:
         # Resumed from the final checkpoint: report it again, as Ray's snapshot may not hold
         # it (a crash between the copy and the snapshot), and the stage's result is Ray's latest.
         report_checkpoint(rank, model, optimizer, start_epoch - 1, spec_json)
+    return None
 
 
 def report_checkpoint(
