@@ -40,6 +40,8 @@ from shared.redis_keys import Keys
 from shared.scheduler import Scheduler
 from shared.transactions import transact
 
+log = logging.getLogger("aetrain.store")
+
 IDEMPOTENCY_TTL_S = 24 * 3600
 DEFAULT_RETENTION_S = 30 * 24 * 3600
 DEFAULT_MAX_TAKEOVERS = 3
@@ -243,6 +245,9 @@ class JobStore:
                     job = self.get(job_id)
                 except JobNotFound:
                     self.redis.zrem(self.keys.index(tenant), job_id)
+                    continue
+                except ValueError as exc:  # a record we cannot read must not hide the others
+                    log.error("job %s: unreadable record left out of the list: %s", job_id, exc)
                     continue
                 if state is None or job.state is state:
                     items.append(job)

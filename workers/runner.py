@@ -13,8 +13,9 @@ from typing import Any
 
 import redis
 
+from shared.claims import Claim
 from shared.errors import LeaseLost, TrainingFailed
-from shared.store import Claim, JobStore
+from shared.store import JobStore
 from workers.lease import LeaseKeeper
 from workers.processes import parent_death_env
 

@@ -19,12 +19,13 @@ import ray
 import redis
 import torch
 
+from shared.claims import Claim
 from shared.errors import LeaseLost
 from shared.jobs import JobRecord, StageState
 from shared.metrics import Metrics, json_safe
 from shared.stages import StagePlan, plan_stages
 from shared.storage import Storage
-from shared.store import Claim, JobStore
+from shared.store import JobStore, metrics_cap
 from workers.checkpoints import load_state
 from workers.lease import LeaseKeeper
 from workers.runner import (
@@ -126,7 +127,7 @@ class StageGraph:
                     raise Stopped(StopReason.CANCELLED)
                 last_cancel_check = time.monotonic()
             try:
-                answer = self.wiring.store.reserve(self.claim, stage.name, need, total)
+                answer = self.wiring.store.scheduler.reserve(self.claim, stage.name, need, total)
             except redis.RedisError as exc:
                 log.warning("job %s stage %s: could not ask for resources: %s", job_id,
                             stage.name, exc)  # fmt: skip
@@ -155,7 +156,7 @@ class StageGraph:
             return str(outcome["checkpoint"])
         finally:
             try:
-                self.wiring.store.release(self.claim.job.id, stage.name)
+                self.wiring.store.scheduler.release(self.claim, stage.name)
             except redis.RedisError:  # the lease check frees it once the job's lease is over
                 log.exception("job %s stage %s: could not release", self.claim.job.id, stage.name)
 
@@ -194,6 +195,7 @@ class StageGraph:
             "runs_root": str(wiring.storage.runs_root),
             "datasets_root": str(wiring.storage.datasets_root),
             "run_name": wiring.storage.run_name(job.id, stage.name),
+            "metrics_cap": metrics_cap(job),
         }
         logs = wiring.storage.root / "jobs" / job.id / "logs"
         run = StageRun(self.claim, stage.name, config,

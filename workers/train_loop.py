@@ -48,8 +48,9 @@ def publish(store: JobStore, config: dict[str, Any], epoch: int,
     """Send one epoch's metrics (a NaN or inf as null); False only when the lease is lost."""
     try:
         return store.record_progress(
-            config["job_id"], config["token"], config["stage"], epoch, json_safe(metrics)
-        )
+            config["job_id"], config["token"], config["stage"], epoch, json_safe(metrics),
+            cap=config["metrics_cap"],
+        )  # fmt: skip
     except redis.RedisError:  # Redis down for a moment: this epoch's line is lost, not the run
         return True
 

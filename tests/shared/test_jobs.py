@@ -10,14 +10,20 @@ import pytest
 import shared.errors
 from shared.errors import (
     ArtifactNotFound,
+    BodyTooLarge,
+    DatasetInUse,
     DatasetInvalid,
     DatasetNotFound,
+    ForeignOrigin,
     IdempotencyConflict,
     InvalidTransition,
     JobNotFound,
     LeaseLost,
+    QuotaExceeded,
+    RateLimited,
     ResultNotReady,
     TooManyJobs,
+    TooManyStreams,
     TrainingFailed,
     TrainServiceError,
     Unauthenticated,
@@ -249,6 +255,12 @@ ERRORS: list[TrainServiceError] = [
     UploadTooLarge(1024),
     Unauthenticated(),
     TooManyJobs("acme", 100),
+    RateLimited("acme", 600, retry_after_s=17),
+    BodyTooLarge(2**20),
+    ForeignOrigin("Host 'rebind.evil.example'"),
+    TooManyStreams("acme", 16),
+    QuotaExceeded("job j0001", 5_000_000_000, 1_000),
+    DatasetInUse("ds-0123", ["j0001", "j0002"]),
 ]
 
 

@@ -610,3 +610,41 @@ def test_a_runner_that_is_stopping_claims_nothing(store: JobStore) -> None:
     job = submitted(store)
     assert store.claim("c1", LONG_LEASE_S, block_ms=300, stop=lambda: True) is None
     assert store.queued_ids() == [job.id] and store.get(job.id).attempts == 0
+
+
+def test_an_unreadable_record_does_not_hide_the_other_jobs_of_the_list(store: JobStore) -> None:
+    good, bad = submitted(store, "acme"), submitted(store, "acme")
+    store.redis.set(f"{store.prefix}:job:{bad.id}", '{"id": "broken", "spec": 42}')
+    items, _ = store.list_jobs("acme")
+    assert [job.id for job in items] == [good.id]
+
+
+def test_a_finished_jobs_keys_expire_after_the_retention_time(redis_url: str) -> None:
+    retained = JobStore(connect(redis_url), "retention-test", retention_s=3600)
+    job, _ = retained.submit(new_job())
+    running = retained.claim("c1", LONG_LEASE_S, block_ms=BLOCK_MS)
+    assert running is not None
+    retained.record_progress(job.id, running.token, "train", 0, {"train_loss": 1.0})
+    assert retained.redis.ttl(retained.keys.job(job.id)) == -1  # running: kept
+    retained.finish(running, JobState.SUCCEEDED, result={})
+    for key in (retained.keys.job(job.id), retained.keys.progress(job.id),
+                retained.keys.metrics(job.id), retained.keys.fence(job.id)):  # fmt: skip
+        assert 3500 < retained.redis.ttl(key) <= 3600, key
+    retained.redis.delete(retained.keys.job(job.id))  # as if the TTL had passed
+    assert retained.list_jobs("default") == ([], None)
+    assert retained.redis.zcard(retained.keys.index("default")) == 0
+    for key in retained.redis.scan_iter("retention-test:*"):
+        retained.redis.delete(key)
+
+
+def test_a_metrics_stream_is_capped_at_what_its_job_needs(store: JobStore) -> None:
+    from shared.store import metrics_cap
+
+    job = submitted(store)
+    running = claim(store)
+    cap = metrics_cap(job)
+    assert cap == 2 * 3 + 100  # digits_spec: one stage of 3 epochs
+    for epoch in range(5 * cap):
+        assert store.record_progress(job.id, running.token, "train", epoch % 3, {"x": 1.0}, cap)
+    # Redis trims by whole nodes with `~`: never below the cap, and not far above it.
+    assert cap <= store.redis.xlen(store.keys.metrics(job.id)) < cap + 200
