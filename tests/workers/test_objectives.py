@@ -330,6 +330,13 @@ def test_bce_matches_torch_inside_the_unit_interval() -> None:
     assert float(got) == pytest.approx(float(by_hand), rel=1e-12)
 
 
+def test_bce_of_a_diverged_output_is_nan_not_an_error() -> None:
+    x_hat = torch.full((4, 3), 0.5)
+    x_hat[1, 2] = float("nan")  # what a diverged decoder outputs
+    loss = reconstruction_loss(x_hat, torch.rand(4, 3), "bce")
+    assert torch.isnan(loss)  # the train loop then fails the stage as diverged, once
+
+
 def test_mse_matches_the_mean_squared_error() -> None:
     generator = seeded(30)
     x_hat = torch.randn(16, 12, dtype=torch.float64, generator=generator)
