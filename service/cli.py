@@ -233,6 +233,16 @@ def cancel(job_id: str, url: UrlOpt = DEFAULT_URL) -> None:
 
 
 @app.command()
+def delete(job_id: str, url: UrlOpt = DEFAULT_URL) -> None:
+    """Delete a finished job: its record, metrics, artifacts, checkpoints and logs."""
+    try:
+        _client(url).delete(job_id)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"{job_id}: deleted")
+
+
+@app.command()
 def result(job_id: str, url: UrlOpt = DEFAULT_URL) -> None:
     """Print a finished job's final metrics and artifacts as JSON."""
     try:

@@ -59,6 +59,10 @@ class Client:
         job: dict[str, Any] = self.request("POST", f"/v1/jobs/{job_id}/cancel").json()
         return job
 
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job with its files (the API refuses a queued or running one)."""
+        self.request("DELETE", f"/v1/jobs/{job_id}")
+
     def result(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", f"/v1/jobs/{job_id}/result").json()
         return result

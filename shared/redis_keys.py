@@ -18,6 +18,8 @@
     datasets:<tenant>    hash: dataset id -> DatasetInfo of a tenant's uploads
     apikey:<digest>, apikeyid:<id>, apikeys   API keys (shared/apikey_store.py)
     dispatchers          hash: dispatcher id -> its info; `dispatcher_seen` its last beat
+    quota:<tenant>       hash: ledger item (job:<id>, dataset:<id>) -> bytes it may take
+    dataset_owners:<id>  set of the tenants whose index names an uploaded dataset
 """
 
 import hashlib
@@ -116,3 +118,15 @@ class Keys:
     def changes(self) -> str:
         """Stream of job ids whose record changed (capped): what live event streams wake on."""
         return f"{self.prefix}:changes"
+
+    def quota(self, tenant: str) -> str:
+        """A tenant's storage ledger: item (`job:<id>`, `dataset:<id>`) -> bytes charged."""
+        return f"{self.prefix}:quota:{tenant}"
+
+    def dataset_owners(self, dataset_id: str) -> str:
+        """Tenants whose index names an upload: its file goes when the last one deletes it."""
+        return f"{self.prefix}:dataset_owners:{dataset_id}"
+
+    def event_streams(self, tenant: str) -> str:
+        """A tenant's open event streams (scored by expiry, in ms): what its stream cap counts."""
+        return f"{self.prefix}:event_streams:{tenant}"

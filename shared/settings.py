@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     retention_days: float = Field(
         default=30.0, gt=0, le=36_500, description="finished jobs are deleted after this long"
     )
+    storage_quota_bytes: int = Field(
+        default=20 * 2**30, ge=0, description="storage a tenant's jobs and uploads may take (507)"
+    )
+    min_free_disk_bytes: int = Field(
+        default=2**30, ge=0, description="submissions and uploads are refused below this (507)"
+    )
     ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
 
     @property

@@ -8,10 +8,14 @@ A job's record names the artifact folder of the runner that finished it, so file
 stale runner are never served. Files are looked up only by names from the job's own list.
 """
 
+import os
+import re
+import shutil
+import stat
 from pathlib import Path
 
 from shared.datasets import DATASET_ID
-from shared.errors import ArtifactNotFound, DatasetNotFound, ResultNotReady
+from shared.errors import ArtifactNotFound, DatasetNotFound, JobNotFound, ResultNotReady
 from shared.jobs import JobRecord, JobState
 
 ENCODER_FILES = {"torchscript": "encoder.pt", "safetensors": "encoder.safetensors"}
@@ -66,3 +70,76 @@ class Storage:
         if not path.is_relative_to(self.root) or not path.is_file():
             raise ArtifactNotFound(job.id, name)
         return path
+
+    # -- deleting (DELETE routes) and sweeping (workers/janitor.py) ---------------------------
+    @property
+    def jobs_root(self) -> Path:
+        return self.root / "jobs"
+
+    def job_folder(self, job_id: str) -> Path:
+        """jobs/<job>/: the job's attempt folders (artifacts) and its stage logs and configs."""
+        if not _SAFE_JOB_ID.match(job_id):
+            raise JobNotFound(job_id)
+        return self.jobs_root / job_id
+
+    def run_folders(self, job_id: str) -> list[Path]:
+        """runs/<job>-<stage>/ of every stage of a job: Ray Train's runs and checkpoints."""
+        if not _SAFE_JOB_ID.match(job_id):
+            raise JobNotFound(job_id)
+        if not self.runs_root.is_dir():
+            return []
+        return sorted(p for p in self.runs_root.iterdir() if p.name.startswith(f"{job_id}-"))
+
+    def delete_job_files(self, job_id: str) -> int:
+        """Delete a job's artifacts, logs, checkpoints and run folders; returns bytes freed."""
+        return sum(self.remove(path) for path in [self.job_folder(job_id),
+                                                  *self.run_folders(job_id)])  # fmt: skip
+
+    def delete_dataset_files(self, dataset_id: str) -> int:
+        """Delete an upload's .npz and its .json sidecar; returns bytes freed."""
+        npz = self.dataset_file(dataset_id)
+        return self.remove(npz) + self.remove(npz.with_suffix(".json"))
+
+    def remove(self, path: Path) -> int:
+        """Delete a file or folder that lies inside the root; returns bytes freed (0: absent).
+
+        Symlinks are never followed: a link is removed itself, and rmtree unlinks the links it
+        meets without entering them. A path whose folder resolves outside the root is refused.
+        """
+        if not path.parent.resolve().is_relative_to(self.root):
+            raise ValueError(f"{path} lies outside the storage root {self.root}")
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            return 0
+        if not stat.S_ISDIR(info.st_mode):  # a file or a symlink (to anything)
+            path.unlink(missing_ok=True)
+            return info.st_size
+        size = tree_bytes(path)
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:  # a concurrent sweep took part of it; the rest goes next time
+            pass
+        return size
+
+    def free_bytes(self) -> int:
+        """Free space on the storage's file system (of the nearest existing folder)."""
+        folder = self.root
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return shutil.disk_usage(folder).free
+
+
+_SAFE_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # never a path separator, dot or glob
+
+
+def tree_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder`, links not followed."""
+    total = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(parent, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total

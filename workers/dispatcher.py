@@ -20,6 +20,7 @@ from shared.jobs import JobRecord, JobState
 from shared.storage import Storage
 from shared.store import DEFAULT_MAX_TAKEOVERS, JobStore
 from workers.faults import pause_at
+from workers.janitor import SWEEP_INTERVAL_S, sweep_logged
 from workers.lease import LeaseKeeper
 from workers.results import finalize
 from workers.runner import Stopped, StopReason
@@ -64,11 +65,14 @@ class Dispatcher:
     def run_forever(self) -> None:
         """Claim and run jobs until `stop()`; running jobs are given back to the queue on stop."""
         log.info("dispatcher %s: %d slot(s), ray at %s", self.id, self.slots, self.ray_address)
-        last_register = 0.0
+        last_register = last_sweep = 0.0
         while not self.stopping.is_set():
             if time.monotonic() - last_register > 2.0:
                 self._register()
                 last_register = time.monotonic()
+            if time.monotonic() - last_sweep > SWEEP_INTERVAL_S:  # leftovers in storage, Redis
+                sweep_logged(self.store, self.storage)
+                last_sweep = time.monotonic()
             self._reap()
             if len(self._running) >= self.slots:
                 time.sleep(0.2)

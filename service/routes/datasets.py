@@ -1,4 +1,4 @@
-"""/v1/datasets: upload a dataset (.npy or .npz, raw bytes), list and describe uploads."""
+"""/v1/datasets: upload a dataset (.npy or .npz, raw bytes), list, describe and delete uploads."""
 
 from datetime import UTC, datetime
 from typing import Annotated
@@ -11,6 +11,7 @@ from service.deps import StorageDep, StoreDep, TenantDep
 from service.uploads import ReceivedFile, label_counts, load_arrays, receive, save_dataset
 from shared.datasets import DatasetInfo, dataset_id
 from shared.errors import DatasetInvalid, UploadTooLarge
+from shared.quotas import Quotas, dataset_item
 from shared.specs import BUILTIN_DATASETS
 from shared.storage import Storage
 from shared.store import JobStore
@@ -98,3 +99,15 @@ def list_datasets(store: StoreDep, tenant: TenantDep) -> DatasetList:
 def get_dataset(dataset_id: str, store: StoreDep, tenant: TenantDep) -> DatasetInfo:
     """Shape, dtype and label counts of one upload."""
     return store.get_dataset(tenant, dataset_id)
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(
+    dataset_id: str, store: StoreDep, storage: StorageDep, tenant: TenantDep
+) -> None:
+    """Delete one of the caller's uploads; 409 while a queued or running job of the caller uses
+    it. The file goes with the last tenant whose index names these bytes."""
+    last = store.datasets.delete(tenant, dataset_id)
+    Quotas(store.redis, store.keys).release(tenant, dataset_item(dataset_id))
+    if last:
+        storage.delete_dataset_files(dataset_id)

@@ -1,5 +1,6 @@
-"""/v1/jobs: submit, list, read, cancel; results, artifacts and the encoder."""
+"""/v1/jobs: submit, list, read, cancel, delete; results, artifacts and the encoder."""
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -9,13 +10,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.deps import StorageDep, StoreDep, TenantDep
-from shared.errors import DatasetNotFound, ResultNotReady
+from shared.errors import DatasetNotFound, InvalidTransition, ResultNotReady
 from shared.jobs import JobRecord, JobState
+from shared.quotas import job_item, quotas_of, submit_within_quota
 from shared.specs import BUILTIN_DATASETS, AnyJobSpec, JobSpec, parse_job_spec
 from shared.storage import ENCODER_FILES
 from shared.store import JobStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("aetrain.api")
 
 
 class JobPage(BaseModel):
@@ -34,14 +37,18 @@ def submit_job(
     spec: JobSpec,
     request: Request,
     store: StoreDep,
+    storage: StorageDep,
     tenant: TenantDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobRecord:
     """Validate and enqueue a job; a retried Idempotency-Key returns the first job (200)."""
     spec = with_upload(spec, store, tenant)
-    max_open = request.app.state.settings.max_open_jobs
-    job, created = store.submit(JobRecord.for_spec(spec, tenant), idempotency_key, max_open)
+    settings = request.app.state.settings
+    job, created = submit_within_quota(
+        store, quotas_of(store, settings), JobRecord.for_spec(spec, tenant),
+        storage.free_bytes(), idempotency_key, settings.max_open_jobs,
+    )  # fmt: skip
     if not created:
         response.status_code = status.HTTP_200_OK
     return job
@@ -94,6 +101,22 @@ def get_job(job_id: str, store: StoreDep, tenant: TenantDep) -> JobRecord:
 def cancel_job(job_id: str, store: StoreDep, tenant: TenantDep) -> JobRecord:
     """Cancel a queued job now, or ask a running job's runner to stop it within seconds."""
     return store.request_cancel(job_id, tenant)
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_job(
+    job_id: str, request: Request, store: StoreDep, storage: StorageDep, tenant: TenantDep
+) -> None:
+    """Delete a finished job: its record, metrics, artifacts, checkpoints and logs."""
+    try:
+        job = store.delete(job_id, tenant)
+    except InvalidTransition as exc:
+        raise InvalidTransition(exc.job_id, exc.current, "deleted; cancel it first") from None
+    try:
+        storage.delete_job_files(job.id)
+    except (OSError, ValueError) as exc:  # the record is gone: the janitor takes what is left
+        log.warning("job %s: deleted, but not all of its files: %s", job.id, exc)
+    quotas_of(store, request.app.state.settings).release(job.tenant, job_item(job.id))
 
 
 @router.get("/{job_id}/result")
