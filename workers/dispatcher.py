@@ -148,7 +148,7 @@ class Dispatcher:
             "id": self.id,
             "ray_address": self.ray_address,
             "slots": self.slots,
-            "running": sorted(self._running),
+            "running": len(self._running),
             "seen_at": datetime.now(UTC).isoformat(),
         }
         try:
