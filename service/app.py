@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.errors import install_error_handlers
+from service.event_hub import EventHub
 from service.guards import RequestGuard
 from service.routes import datasets, events, health, jobs
 from shared.settings import Settings
@@ -19,9 +20,12 @@ def create_app(settings: Settings) -> FastAPI:
         client = connect(settings.require_redis_url())
         app.state.store = JobStore(client, settings.key_prefix, settings.retention_s)
         app.state.storage = Storage(settings.storage_root)
+        app.state.event_hub = hub = EventHub(settings.require_redis_url(), app.state.store.keys)
+        await hub.start()
         try:
             yield
         finally:
+            await hub.stop()
             client.close()
 
     app = FastAPI(title="aetrain", version="0.1.0", lifespan=lifespan)

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=2**20, ge=1024, le=2**30, description="cap on a JSON request body (413)"
     )
+    max_event_streams: int = Field(
+        default=16, ge=1, le=100_000, description="open event streams per tenant (429)"
+    )
     retention_days: float = Field(
         default=30.0, gt=0, le=36_500, description="finished jobs are deleted after this long"
     )
