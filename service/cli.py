@@ -81,7 +81,9 @@ def api(
         raise _fail("AETRAIN_REDIS_URL is not set")
     if settings.auth == "off":
         warn_if_exposed(host)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    # Open event streams would hold a shutdown until their jobs end: give them 5 s.
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=5)  # fmt: skip
 
 
 @app.command()

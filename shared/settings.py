@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=2**20, ge=1024, le=2**30, description="cap on a JSON request body (413)"
     )
+    allowed_hosts: str = Field(
+        default="",
+        description="comma-separated Host names served with auth off, besides loopback ones",
+    )
     max_event_streams: int = Field(
         default=16, ge=1, le=100_000, description="open event streams per tenant (429)"
     )
@@ -49,6 +53,10 @@ class Settings(BaseSettings):
         default=2**30, ge=0, description="submissions and uploads are refused below this (507)"
     )
     ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
+
+    @property
+    def extra_allowed_hosts(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
 
     @property
     def retention_s(self) -> float:
