@@ -1,12 +1,15 @@
 """Uploaded datasets: what the index records of one, and the bounds every upload must meet.
 
 An upload is stored content-addressed: its id is derived from the SHA-256 of the uploaded
-bytes, so the same file always gets the same id. A job names it in `data.dataset`, and the API
-copies what the workers need to know of it (`UploadedData`) into the job's spec.
+bytes, so the same file always gets the same id. What the bytes say about the dataset
+(`DatasetFacts`) is stored beside it, so the same file sent again is indexed without being
+parsed. A job names it in `data.dataset`, and the API copies what the workers need to know of it
+(`UploadedData`) into the job's spec.
 """
 
 import re
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,3 +57,24 @@ class DatasetInfo(BaseModel):
         return UploadedData(
             input_shape=input_shape(self.shape), rows=self.shape[0], classes=classes
         )
+
+
+class DatasetFacts(BaseModel):
+    """What an upload's bytes say of it, whoever sent them: stored as datasets/<id>.json."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    shape: tuple[int, ...] = Field(min_length=2, max_length=4)
+    dtype: str
+    label_counts: dict[str, int] | None
+    size_bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @property
+    def id(self) -> str:
+        return dataset_id(self.sha256)
+
+    def describe(self, name: str, created_at: datetime) -> DatasetInfo:
+        """The index entry of these bytes under one tenant's name for them."""
+        fields: dict[str, Any] = self.model_dump()
+        return DatasetInfo(id=self.id, name=name, created_at=created_at, **fields)

@@ -2,6 +2,8 @@
 
     runs/<job>-<stage>/            Ray Train's run folder (RunConfig(storage_path, name))
     datasets/<id>.npz              an uploaded dataset, checked, as float32 x and int64 y
+                                   (deflate level 1: see service/uploads.py)
+    datasets/<id>.json             its DatasetFacts, written after the .npz: the pair is whole
     jobs/<job>/attempt-<token>/    artifacts written by the runner that held fencing token <token>
 
 A job's record names the artifact folder of the runner that finished it, so files left by a
@@ -12,9 +14,12 @@ import os
 import re
 import shutil
 import stat
+import uuid
 from pathlib import Path
 
-from shared.datasets import DATASET_ID
+from pydantic import ValidationError
+
+from shared.datasets import DATASET_ID, DatasetFacts
 from shared.errors import ArtifactNotFound, DatasetNotFound, JobNotFound, ResultNotReady
 from shared.jobs import JobRecord, JobState
 
@@ -46,6 +51,31 @@ class Storage:
         if not DATASET_ID.match(dataset_id):  # ids come from our index; never build odd paths
             raise DatasetNotFound(dataset_id)
         return self.datasets_root / f"{dataset_id}.npz"
+
+    def dataset_facts_file(self, dataset_id: str) -> Path:
+        return self.dataset_file(dataset_id).with_suffix(".json")
+
+    def stored_facts(self, dataset_id: str) -> DatasetFacts | None:
+        """The facts of a dataset stored whole, or None: then it must be parsed (again)."""
+        try:
+            if not self.dataset_file(dataset_id).is_file():
+                return None
+            facts = DatasetFacts.model_validate_json(
+                self.dataset_facts_file(dataset_id).read_bytes()
+            )
+        except (OSError, ValidationError):  # absent, or not ours: parse the upload again
+            return None
+        return facts if facts.id == dataset_id else None
+
+    def save_facts(self, facts: DatasetFacts) -> None:
+        """Write datasets/<id>.json atomically; call it once the .npz is in place."""
+        target = self.dataset_facts_file(facts.id)
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        try:
+            partial.write_text(facts.model_dump_json())
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
 
     @staticmethod
     def run_name(job_id: str, stage: str) -> str:

@@ -8,7 +8,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from service.deps import StorageDep, StoreDep, TenantDep
-from service.uploads import ReceivedFile, label_counts, load_arrays, receive, save_dataset
+from service.uploads import ReceivedFile, receive, store_upload
 from shared.datasets import DatasetInfo, dataset_id
 from shared.errors import DatasetInvalid, UploadTooLarge
 from shared.quotas import Quotas, dataset_item
@@ -42,8 +42,10 @@ async def upload_dataset(
 ) -> DatasetInfo:
     """Upload an .npy (x) or .npz (x, optional integer labels y) as the raw request body.
 
-    The same bytes give the same id (200 the second time). x may be (n, features), or images
-    (n, h, w) / (n, c, h, w) for the conv architecture; it is stored as float32.
+    The same bytes give the same id (200 the second time); bytes already stored, by anyone,
+    are indexed without being parsed again. x may be (n, features), or images (n, h, w) /
+    (n, c, h, w) for the conv architecture; it is stored as float32, and
+    AETRAIN_MAX_DATASET_BYTES caps x as float32 plus y as int64 (422 naming the array).
     """
     settings = request.app.state.settings
     if request.headers.get("content-type", "").startswith("multipart/"):
@@ -72,33 +74,25 @@ def _store_upload(
     name: str,
     max_bytes: int,
 ) -> tuple[DatasetInfo, bool]:
-    arrays = load_arrays(received.path, max_bytes)
-    info = DatasetInfo(
-        id=dataset_id(received.sha256),
-        name=name or "upload",
-        shape=arrays.x.shape,
-        dtype=arrays.dtype,
-        label_counts=label_counts(arrays.y),
-        size_bytes=received.size,
-        sha256=received.sha256,
-        created_at=datetime.now(UTC),
-    )
-    target = storage.dataset_file(info.id)
-    if not target.exists():
-        save_dataset(arrays, target)
-    return store.add_dataset(tenant, info)
+    """Index the upload for the tenant; parse and store it only if these bytes are new."""
+    stored_id = dataset_id(received.sha256)
+    facts = storage.stored_facts(stored_id)
+    if facts is None:
+        facts = store_upload(received, storage.dataset_file(stored_id), max_bytes)
+        storage.save_facts(facts)  # after the .npz: the facts vouch for a whole file
+    return store.datasets.add(tenant, facts.describe(name or "upload", datetime.now(UTC)))
 
 
 @router.get("")
 def list_datasets(store: StoreDep, tenant: TenantDep) -> DatasetList:
     """The caller's uploads, newest first, and the names of the built-in datasets."""
-    return DatasetList(items=store.list_datasets(tenant), builtin=sorted(BUILTIN_DATASETS))
+    return DatasetList(items=store.datasets.list(tenant), builtin=sorted(BUILTIN_DATASETS))
 
 
 @router.get("/{dataset_id}")
 def get_dataset(dataset_id: str, store: StoreDep, tenant: TenantDep) -> DatasetInfo:
     """Shape, dtype and label counts of one upload."""
-    return store.get_dataset(tenant, dataset_id)
+    return store.datasets.get(tenant, dataset_id)
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.deps import StorageDep, StoreDep, TenantDep
+from service.deps import CallerDep, StorageDep, StoreDep, TenantDep
 from shared.errors import DatasetNotFound, InvalidTransition, ResultNotReady
 from shared.jobs import JobRecord, JobState
 from shared.quotas import job_item, quotas_of, submit_within_quota
@@ -38,16 +38,23 @@ def submit_job(
     request: Request,
     store: StoreDep,
     storage: StorageDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobRecord:
     """Validate and enqueue a job; a retried Idempotency-Key returns the first job (200)."""
+    tenant = caller.tenant
+    if spec.priority > caller.max_priority:
+        error = {"loc": ("body", "priority"), "type": "value_error",
+                 "msg": f"priority {spec.priority} is above {caller.max_priority}, the most "
+                        "this API key allows"}  # fmt: skip
+        raise RequestValidationError([error])
     spec = with_upload(spec, store, tenant)
     settings = request.app.state.settings
     job, created = submit_within_quota(
         store, quotas_of(store, settings), JobRecord.for_spec(spec, tenant),
         storage.free_bytes(), idempotency_key, settings.max_open_jobs,
+        settings.max_submissions_per_minute,
     )  # fmt: skip
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -63,7 +70,7 @@ def with_upload(spec: AnyJobSpec, store: JobStore, tenant: str) -> AnyJobSpec:
         return spec
     loc = ("body", "data", "dataset")
     try:
-        upload = store.get_dataset(tenant, spec.data.dataset).as_upload()
+        upload = store.datasets.get(tenant, spec.data.dataset).as_upload()
     except DatasetNotFound:
         error = {"loc": loc, "msg": f"no uploaded dataset {spec.data.dataset!r}",
                  "type": "value_error"}  # fmt: skip
@@ -155,23 +162,33 @@ def interpolate_codes(
     tenant: TenantDep,
     format: Literal["json", "png"] = "json",
 ) -> Interpolation | Response:
-    """Decode `steps` points on the line between the codes of validation samples a and b."""
-    from workers.interpolation import CodeRangeError, interpolate, png_strip
+    """Decode `steps` points on the line between the codes of validation samples a and b.
+
+    JSON gives every code and output value, up to 262,144 numbers in all (steps x (code size +
+    sample size)); past that it is a 422 on `steps` saying how many steps fit, never a cut
+    reply. `format=png` draws any size as at most 16 panels a row, each sample shrunk (images
+    to 64x64, long vectors to bands of 128 bins), at most about 1600x400 pixels.
+    """
+    from workers.interpolation import InterpolationRefused, interpolate, interpolation_png
 
     job = store.get(job_id, tenant)
     storage.artifact_path(job, "val_codes.npy")  # 404 unless the job has both files
     folder = storage.artifact_path(job, "autoencoder.safetensors").parent
     try:
+        if format == "png":
+            png = interpolation_png(job.spec, folder, request.a, request.b, request.steps)
+            return Response(png, media_type="image/png")
         codes, outputs = interpolate(job.spec, folder, request.a, request.b, request.steps)
-    except CodeRangeError as exc:
+    except InterpolationRefused as exc:
         detail = [{"field": exc.field, "loc": ["body", exc.field], "msg": str(exc),
                    "type": "value_error"}]  # fmt: skip
         return JSONResponse({"detail": detail}, status_code=422)
-    shape = list(job.spec.data.input_shape)
-    if format == "png":
-        return Response(png_strip(outputs, tuple(shape)), media_type="image/png")
     return Interpolation(
-        a=request.a, b=request.b, codes=codes.tolist(), outputs=outputs.tolist(), input_shape=shape
+        a=request.a,
+        b=request.b,
+        codes=codes.tolist(),
+        outputs=outputs.tolist(),
+        input_shape=list(job.spec.data.input_shape),
     )
 
 

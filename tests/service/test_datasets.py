@@ -1,11 +1,13 @@
 """Dataset uploads over HTTP against a real Redis: the happy path, jobs that name an upload,
-and hostile files, each of which must get a 4xx and leave nothing behind."""
+hostile files, each of which must get a 4xx and leave nothing behind, and what an upload may
+cost the API: memory bounded whatever the file declares, a repeat that is never parsed."""
 
 import io
+import tracemalloc
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -21,11 +23,12 @@ from tests.specs import digits_spec
 pytestmark = pytest.mark.timeout(60)
 
 SMALL_CAP = 64 * 1024
+MiB = 2**20
 
 
-def npz_bytes(**arrays: Any) -> bytes:
+def npz_bytes(compressed: bool = False, **arrays: Any) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -105,12 +108,31 @@ def test_uploads_belong_to_their_tenant(client: TestClient, store: JobStore) -> 
     assert store.datasets.list("someone-else") == []
 
 
+def npy_header(shape: tuple[int, ...], descr: str) -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
 def huge_npy_header() -> bytes:
     """A valid .npy header that declares 10^12 x 10 float64 values, followed by 80 bytes."""
+    return npy_header((10**12, 10), "<f8") + b"\0" * 80
+
+
+def corrupted(body: bytes) -> bytes:
+    """The bytes with a run in the middle of the (compressed) data overwritten."""
+    middle = len(body) // 2
+    return body[:middle] + b"\xff" * 64 + body[middle + 64 :]
+
+
+def many_members(count: int) -> bytes:
+    """A small zip whose central directory lists `count` empty members."""
     buffer = io.BytesIO()
-    header = {"descr": "<f8", "fortran_order": False, "shape": (10**12, 10)}
-    np.lib.format.write_array_header_1_0(buffer, header)
-    return buffer.getvalue() + b"\0" * 80
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(count):
+            archive.writestr(f"{i}.npy", b"")
+    return buffer.getvalue()
 
 
 def npz_of(**members: bytes) -> bytes:
@@ -148,6 +170,9 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
         "an extra array": (npz_bytes(x=x, y=y, z=y), "holds x"),
         "no x": (npz_bytes(y=y), "no array named x"),
         "not numpy at all": (b"hello, this is a text file" * 10, "not an .npy or .npz"),
+        "a negative side": (npy_header((-2, -5), "<f4") + b"\0" * 40, "negative"),
+        "corrupt compressed data": (corrupted(npz_bytes(x=x, y=y, compressed=True)), "corrupt"),
+        "a zip directory of thousands of entries": (many_members(3000), "directory"),
         "empty body": (b"", "not an .npy or .npz"),
     }
 
@@ -257,7 +282,7 @@ def test_jobs_on_uploads_are_checked_against_the_uploads_shape(client: TestClien
 
 def test_semisupervised_needs_an_upload_with_labels(client: TestClient) -> None:
     x, y = digits_images()
-    spec = {
+    spec: dict[str, Any] = {
         "kind": "semisupervised", "data": {"dataset": uploaded(client, x=x)},
         "labeled_fraction": 0.1,
         "pretrain": {"kind": "autoencoder", "model": {"latent_dim": 8}},
@@ -265,3 +290,142 @@ def test_semisupervised_needs_an_upload_with_labels(client: TestClient) -> None:
     assert field_of(client.post("/v1/jobs", json=spec)) == ["data.dataset"]
     spec["data"]["dataset"] = uploaded(client, x=x, y=y)
     assert client.post("/v1/jobs", json=spec).status_code == 201
+
+
+# -- what an upload may cost ----------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def peak_memory(call: Callable[[], T]) -> tuple[T, int]:
+    """call()'s result and the most bytes Python and numpy held at once during it, above what
+    they held before (tracemalloc sees every thread: the API runs in TestClient's)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = call()
+        return result, tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+def deflated_npz(path: Path, shape: tuple[int, ...], descr: str = "|i1") -> None:
+    """An .npz whose x of zeros streams through deflate: the test never holds the array."""
+    zeros = bytes(MiB)
+    left = int(np.prod(shape)) * np.dtype(descr).itemsize
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as out:
+            out.write(npy_header(shape, descr))
+            while left:
+                out.write(zeros[: min(left, MiB)])
+                left -= min(left, MiB)
+
+
+@pytest.fixture(scope="module")
+def gib_of_int8_zeros(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A ~1 MB .npz that declares x as 1024 x 2^20 int8 zeros: 1 GiB, 4 GiB as float32."""
+    path = tmp_path_factory.mktemp("hostile") / "zeros.npz"
+    deflated_npz(path, (1024, 2**20))
+    return path.read_bytes()
+
+
+def test_a_small_npz_declaring_a_huge_array_is_refused_from_its_header_in_bounded_memory(
+    client: TestClient, storage: Storage, gib_of_int8_zeros: bytes
+) -> None:
+    # Before the cap counted float32 and the cast streamed, this file took 6.4 GB and 21 s.
+    assert len(gib_of_int8_zeros) < 1.2 * MiB
+    response, peak = peak_memory(lambda: upload(client, gib_of_int8_zeros))
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["field"] == "x" and "float32" in error["msg"] and "limit" in error["msg"]
+    assert peak < 200 * MiB, f"{peak / MiB:.0f} MiB"
+    assert files_under(storage.datasets_root) == []
+
+
+def test_an_upload_at_the_cap_streams_in_less_than_one_float32_copy(
+    settings: Settings, store: JobStore, storage: Storage
+) -> None:
+    cap = 64 * MiB
+    rows, features = 1024, 16 * 1024  # int8: 16 MiB uploaded, 64 MiB as float32
+    x = (np.arange(rows * features, dtype=np.int64) % 251 - 125).astype(np.int8)
+    body = npz_bytes(x=x.reshape(rows, features), compressed=True)
+    capped = settings.model_copy(update={"max_dataset_bytes": cap})
+    with TestClient(create_app(capped)) as client:
+        response, peak = peak_memory(lambda: upload(client, body))
+        assert response.status_code == 201, response.text
+        # The cast streams chunk by chunk into the stored file: the API never holds x whole,
+        # neither as uploaded (16 MiB) nor as float32 (64 MiB).
+        assert peak < 48 * MiB, f"{peak / MiB:.0f} MiB"
+        info = response.json()
+        assert info["shape"] == [rows, features] and info["dtype"] == "int8"
+        with np.load(storage.dataset_file(info["id"]), allow_pickle=False) as stored:
+            assert stored["x"].dtype == np.float32 and stored["x"].shape == (rows, features)
+            np.testing.assert_array_equal(stored["x"].ravel(), x)
+
+        # One row more is past the cap, and so are labels on top of an x at the cap.
+        past = upload(client, npz_bytes(x=np.zeros((rows + 1, features), np.int8),
+                                        compressed=True))  # fmt: skip
+        assert [e["field"] for e in past.json()["detail"]] == ["x"], past.text
+        labeled = npz_bytes(x=np.zeros((rows, features), np.int8), y=np.zeros(rows, np.int64),
+                            compressed=True)  # fmt: skip
+        with_y = upload(client, labeled)
+        assert [e["field"] for e in with_y.json()["detail"]] == ["y"], with_y.text
+        assert "limit" in with_y.json()["detail"][0]["msg"]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def stats(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_ino, status.st_mtime_ns
+
+
+def test_the_same_bytes_again_are_indexed_without_being_parsed(
+    settings: Settings, store: JobStore, storage: Storage
+) -> None:
+    x, y = digits_images()
+    body = npz_bytes(x=x, y=y)
+    alice, bob = (bearer(store.api_keys.create(tenant)[1]) for tenant in ("alice", "bob"))
+    with TestClient(create_app(settings.model_copy(update={"auth": "on"}))) as client:
+        first = client.post("/v1/datasets", content=body, headers=alice)
+        assert first.status_code == 201, first.text
+        dataset = first.json()["id"]
+        npz, facts = storage.dataset_file(dataset), storage.dataset_facts_file(dataset)
+        files, before = files_under(storage.root), (stats(npz), stats(facts))
+        assert npz in files and facts in files
+
+        # Another tenant sends the same bytes: new to its index, nothing written in storage.
+        second = client.post("/v1/datasets", content=body, headers=bob, params={"name": "b"})
+        assert second.status_code == 201, second.text
+        assert {**second.json(), "name": "upload", "created_at": None} == {
+            **first.json(), "created_at": None}  # fmt: skip
+        assert files_under(storage.root) == files and (stats(npz), stats(facts)) == before
+
+        # The reply comes from the stored facts, not from the bytes: a third tenant is told
+        # what the facts say (edited here to tell them apart), and storage is left alone.
+        stored = storage.stored_facts(dataset)
+        assert stored is not None
+        facts.write_text(stored.model_copy(update={"dtype": "from-the-facts"}).model_dump_json())
+        carol = bearer(store.api_keys.create("carol")[1])
+        third = client.post("/v1/datasets", content=body, headers=carol)
+        assert third.status_code == 201 and third.json()["dtype"] == "from-the-facts"
+        assert stats(npz) == before[0]
+
+        again = client.post("/v1/datasets", content=body, headers=alice)
+        assert again.status_code == 200 and again.json() == first.json()
+
+
+def test_a_dataset_without_its_facts_is_parsed_and_stored_again(
+    client: TestClient, storage: Storage
+) -> None:
+    x, y = digits_images()
+    body = npz_bytes(x=x, y=y)
+    info = upload(client, body).json()
+    storage.dataset_facts_file(info["id"]).unlink()  # as if the API died between the two files
+    storage.dataset_file(info["id"]).write_bytes(b"half a file")
+    assert upload(client, body).status_code == 200
+    assert storage.stored_facts(info["id"]) is not None
+    with np.load(storage.dataset_file(info["id"]), allow_pickle=False) as stored:
+        np.testing.assert_array_equal(stored["x"], x)
