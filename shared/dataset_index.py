@@ -32,6 +32,10 @@ class DatasetIndex:
             return info, True
         return self.get(tenant, info.id), False
 
+    def owners(self, dataset_id: str) -> set[str]:
+        """Tenants whose index names these bytes."""
+        return set(self.redis.smembers(self.keys.dataset_owners(dataset_id)))
+
     def get(self, tenant: str, dataset_id: str) -> DatasetInfo:
         raw = self.redis.hget(self.keys.datasets(tenant), dataset_id)
         if raw is None:

@@ -57,7 +57,7 @@ def load_raw(data: DataSpec, datasets: Path | None = None) -> tuple[np.ndarray, 
             raise ValueError(f"uploaded dataset {data.dataset}: its stored file is missing or "
                              f"damaged ({path})")  # fmt: skip
         with np.load(path, allow_pickle=False) as stored:
-            x = stored["x"].reshape(len(stored["x"]), -1).astype(np.float32)
+            x = stored["x"].reshape(len(stored["x"]), -1).astype(np.float32, copy=False)
             y = stored["y"].astype(np.int64) if "y" in stored.files else None
         return x, y
     if data.dataset == "digits":

@@ -9,9 +9,9 @@ from pydantic import BaseModel
 
 from service.deps import StorageDep, StoreDep, TenantDep
 from service.uploads import ReceivedFile, receive, store_upload
-from shared.datasets import DatasetInfo, dataset_id
-from shared.errors import DatasetInvalid, UploadTooLarge
-from shared.quotas import Quotas, dataset_item
+from shared.datasets import DatasetFacts, DatasetInfo, dataset_id
+from shared.errors import DatasetInvalid, QuotaExceeded, UploadTooLarge
+from shared.quotas import Quotas, dataset_bytes, dataset_item, quotas_of
 from shared.specs import BUILTIN_DATASETS
 from shared.storage import Storage
 from shared.store import JobStore
@@ -54,11 +54,14 @@ async def upload_dataset(
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
         raise UploadTooLarge(settings.max_upload_bytes)
+    quotas = quotas_of(store, settings)
+    quotas.require_free_disk(storage.free_bytes(), "the upload")
     received = await receive(request.stream(), storage.incoming, settings.max_upload_bytes)
     try:
         info, created = await run_in_threadpool(
-            _store_upload, store, storage, tenant, received, name, settings.max_dataset_bytes
-        )
+            _store_upload, store, storage, quotas, tenant, received, name,
+            settings.max_dataset_bytes,
+        )  # fmt: skip
     finally:
         received.path.unlink(missing_ok=True)
     if not created:
@@ -69,18 +72,44 @@ async def upload_dataset(
 def _store_upload(
     store: JobStore,
     storage: Storage,
+    quotas: Quotas,
     tenant: str,
     received: ReceivedFile,
     name: str,
     max_bytes: int,
 ) -> tuple[DatasetInfo, bool]:
-    """Index the upload for the tenant; parse and store it only if these bytes are new."""
+    """Index the upload for the tenant and charge it to the tenant's quota; parse and store it
+    only if these bytes are new."""
     stored_id = dataset_id(received.sha256)
     facts = storage.stored_facts(stored_id)
+    new = facts is None
     if facts is None:
-        facts = store_upload(received, storage.dataset_file(stored_id), max_bytes)
-        storage.save_facts(facts)  # after the .npz: the facts vouch for a whole file
-    return store.datasets.add(tenant, facts.describe(name or "upload", datetime.now(UTC)))
+        facts = _parse_and_store(storage, received, stored_id, max_bytes)
+    item = dataset_item(stored_id)
+    stored_bytes = dataset_bytes(facts.shape, labeled=facts.label_counts is not None)
+    try:
+        charged = quotas.charge(tenant, item, stored_bytes, f"dataset {name or stored_id!r}")
+    except QuotaExceeded:
+        if new and not store.datasets.owners(stored_id):  # nobody else kept these bytes
+            storage.delete_dataset_files(stored_id)
+        raise
+    try:
+        indexed = store.datasets.add(tenant, facts.describe(name or "upload", datetime.now(UTC)))
+    except BaseException:
+        if charged:
+            quotas.release(tenant, item)
+        raise
+    if storage.stored_facts(stored_id) is None:  # its last other owner deleted it meanwhile
+        _parse_and_store(storage, received, stored_id, max_bytes)
+    return indexed
+
+
+def _parse_and_store(
+    storage: Storage, received: ReceivedFile, stored_id: str, max_bytes: int
+) -> DatasetFacts:
+    facts = store_upload(received, storage.dataset_file(stored_id), max_bytes)
+    storage.save_facts(facts)  # after the .npz: the facts vouch for a whole file
+    return facts
 
 
 @router.get("")
