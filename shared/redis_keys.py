@@ -10,6 +10,7 @@
     queue:<tenant>       sorted set of a tenant's queued jobs (score: -priority; ties: age)
     waiting_tenants      set of tenants that may have queued jobs
     running:<tenant>     set of a tenant's running jobs (fair claiming evens these out)
+    served               hash: tenant -> when its last job started (turns between equals)
     active               set of running jobs (of every tenant)
     tenants              set of every tenant that submitted
     submissions:<t>:<m>  a tenant's submissions in clock minute m (expires)
@@ -104,6 +105,11 @@ class Keys:
     def running(self, tenant: str) -> str:
         """A tenant's running jobs: its share of the cluster, which fair claiming evens out."""
         return f"{self.prefix}:running:{tenant}"
+
+    @property
+    def served(self) -> str:
+        """Hash: tenant -> when a job of it last started (ms): turns between equal shares."""
+        return f"{self.prefix}:served"
 
     @property
     def tenants(self) -> str:

@@ -374,7 +374,9 @@ class JobStore:
         """The head job of each tenant's queue, fairest first.
 
         A tenant running fewer jobs goes first, so tenants with waiting work share the cluster
-        by their running share; between equal shares, the higher priority, then the older job.
+        by their running share; between equal shares, the tenant served longest ago (so that
+        jobs run one at a time still take turns), then the higher priority, then the older
+        job. Priority thus orders a tenant's own jobs and never lets one tenant jump another.
         """
         tenants = sorted(self.redis.smembers(self.keys.waiting_tenants))
         if not tenants:
@@ -383,16 +385,18 @@ class JobStore:
         for tenant in tenants:
             pipe.zrange(self.keys.tenant_queue(tenant), 0, 0, withscores=True)
             pipe.scard(self.keys.running(tenant))
-        replies = pipe.execute()
-        heads: list[tuple[int, float, str]] = []
-        for tenant, head, running in zip(tenants, replies[::2], replies[1::2], strict=True):
+        pipe.hmget(self.keys.served, tenants)
+        *replies, served = pipe.execute()
+        heads: list[tuple[int, int, float, str]] = []
+        for i, tenant in enumerate(tenants):
+            head, running = replies[2 * i], replies[2 * i + 1]
             if not head:
                 keys = [self.keys.tenant_queue(tenant), self.keys.waiting_tenants]
                 self._drop_if_empty(keys=keys, args=[tenant])
                 continue
             job_id, score = head[0]
-            heads.append((int(running), float(score), job_id))
-        return [job_id for _, _, job_id in sorted(heads)]
+            heads.append((int(running), int(served[i] or 0), float(score), job_id))
+        return [job_id for *_, job_id in sorted(heads)]
 
     def queued_ids(self, tenant: str | None = None) -> list[str]:
         """Queued jobs (of one tenant, or all) by priority, then age."""
@@ -441,6 +445,8 @@ class JobStore:
             self._write(pipe, new)
             if not is_terminal(new.state):
                 pipe.set(lease_key, str(token), px=int(lease_ttl_s * 1000))
+            if job.state is JobState.QUEUED and new.state is JobState.RUNNING:
+                pipe.hset(self.keys.served, job.tenant, int(time.time() * 1000))
             pipe.execute()
             return None if is_terminal(new.state) else Claim(job=new, token=token)
 

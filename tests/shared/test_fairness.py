@@ -57,9 +57,9 @@ def test_a_finished_job_frees_its_tenants_share(store: JobStore) -> None:
     assert running.job.id == a1.id
     b1 = submit(store, "bob")
     store.finish(running, JobState.SUCCEEDED, result={})
-    # alice runs nothing now, and her a2 is older than bob's b1: it goes first.
-    assert next_claim(store).job.id == a2.id
+    # Both run nothing now; alice was served last, so bob's turn, though a2 is older.
     assert next_claim(store).job.id == b1.id
+    assert next_claim(store).job.id == a2.id
     assert store.queued_ids() == []
     assert store.redis.smembers(store.keys.waiting_tenants) <= {"alice", "bob"}
     store.claim("c1", lease_ttl_s=30.0, block_ms=10)  # finds nothing and drops empty tenants
@@ -87,3 +87,15 @@ def test_a_stale_runner_cannot_release_the_new_owners_grant(store: JobStore) -> 
     assert store.scheduler.reserved() == ({"CPU": 1.0}, 0)
     assert store.scheduler.release(owner, "train")
     assert store.scheduler.reserved() == ({}, 0)
+
+
+def test_jobs_run_one_at_a_time_still_take_turns_between_tenants(store: JobStore) -> None:
+    bob = [submit(store, "bob", priority=4) for _ in range(4)]
+    carol = submit(store, "carol", priority=0)
+    order = []
+    for _ in range(3):  # one job at a time: nobody is running when the next is claimed
+        claim = next_claim(store)
+        order.append(claim.job.id)
+        store.finish(claim, JobState.SUCCEEDED, result={})
+    # Both run nothing at each claim; bob's higher priority wins the first turn only.
+    assert order == [bob[0].id, carol.id, bob[1].id]
