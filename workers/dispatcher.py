@@ -39,6 +39,7 @@ class Dispatcher:
         lease_ttl_s: float = 15.0,
         slots: int = 1,
         max_takeovers: int = DEFAULT_MAX_TAKEOVERS,
+        min_free_disk_bytes: int = 0,
         dispatcher_id: str | None = None,
     ) -> None:
         self.store = store
@@ -48,6 +49,7 @@ class Dispatcher:
         self.lease_ttl_s = lease_ttl_s
         self.slots = slots
         self.max_takeovers = max_takeovers
+        self.min_free_disk_bytes = min_free_disk_bytes
         self.id = dispatcher_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
         # The dispatcher evaluates small models beside busy Ray workers; there, torch's
@@ -167,7 +169,8 @@ class Dispatcher:
 
     def _execute(self, claim: Claim, lease: LeaseKeeper) -> JobRecord | None:
         job = claim.job
-        wiring = Wiring(self.store, self.storage, self.redis_url, self.ray_address)
+        wiring = Wiring(self.store, self.storage, self.redis_url, self.ray_address,
+                        self.min_free_disk_bytes)  # fmt: skip
         graph = StageGraph(wiring, claim, lease, self.stopping)
         try:
             pause_at("claimed", job.id)

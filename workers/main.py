@@ -44,6 +44,7 @@ def run_worker(settings: Settings | None = None) -> None:
         lease_ttl_s=settings.lease_ttl_s,
         slots=settings.dispatcher_slots,
         max_takeovers=settings.max_takeovers,
+        min_free_disk_bytes=settings.min_free_disk_bytes,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

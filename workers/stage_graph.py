@@ -68,6 +68,7 @@ class Wiring:
     storage: Storage
     redis_url: str
     ray_address: str
+    min_free_disk_bytes: int = 0  # a stage is not started on a storage fuller than this
 
 
 def fits(need: dict[str, float], room: dict[str, float]) -> bool:
@@ -183,6 +184,10 @@ class StageGraph:
 
     def _train(self, stage: StagePlan, inputs: dict[str, str]) -> dict[str, Any]:
         job, wiring = self.claim.job, self.wiring
+        free = wiring.storage.free_bytes()
+        if free < wiring.min_free_disk_bytes:  # fail now, clearly, not on a half-written checkpoint
+            raise StageFailed(stage.name, f"not started: the storage has {free:,} bytes free, "
+                              f"below AETRAIN_MIN_FREE_DISK_BYTES ({wiring.min_free_disk_bytes:,})")
         config: dict[str, Any] = {
             "spec": job.spec.model_dump(mode="json"),
             "job_id": job.id,

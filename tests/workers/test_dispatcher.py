@@ -221,3 +221,16 @@ def test_stages_of_two_jobs_share_the_cluster_and_a_two_worker_stage_waits_for_b
     assert max(a_start, b_start) < min(a_end, b_end), spans  # the two 1-worker stages overlap
     assert big_start >= max(a_end, b_end), spans  # the 2-worker stage waited for both
     assert store.scheduler.reserved() == ({}, 0)
+
+
+def test_a_stage_is_not_started_on_a_storage_below_the_free_disk_floor(
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
+) -> None:
+    job_id = client.post("/v1/jobs", json=digits_spec()).json()["id"]
+    full = Dispatcher(store, storage, settings.require_redis_url(), ray_address,
+                      min_free_disk_bytes=2**62)  # more than any disk has  # fmt: skip
+    full.run_once(block_ms=2000)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "failed"
+    assert "not started" in job["error"] and "AETRAIN_MIN_FREE_DISK_BYTES" in job["error"]
+    assert not list(storage.runs_root.glob(f"{job_id}-*"))  # nothing was written for it
