@@ -5,9 +5,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.cli import warn_if_exposed
+from service.errors import redis_outage
 from shared.settings import Settings
 from shared.store import JobStore
 from tests.specs import digits_spec
@@ -105,3 +108,31 @@ def test_start_up_warns_when_redis_may_evict_jobs(
     finally:
         store.redis.config_set("maxmemory-policy", "noeviction")
     assert "allkeys-lru" in caplog.text and "noeviction" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's "
+                             "currently unable to persist to disk"), "MISCONF"),  # fmt: skip
+        (redis.exceptions.ExecAbortError(
+            "Transaction discarded because of: OOM command not allowed when used memory > "
+            "'maxmemory'."), "OOM"),  # fmt: skip
+        (redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+         "READONLY"),  # fmt: skip
+        (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), None),
+    ],
+)
+def test_which_redis_replies_are_an_outage(error: Exception, code: str | None) -> None:
+    assert redis_outage(error) == code  # a WRONGTYPE is our bug: a 500, not a 503
+
+
+def test_the_cli_warns_loudly_when_auth_is_off_on_a_reachable_address(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    warn_if_exposed("127.0.0.1")
+    warn_if_exposed("localhost")
+    assert capsys.readouterr().err == ""
+    warn_if_exposed("0.0.0.0")
+    warning = capsys.readouterr().err
+    assert "WARNING" in warning and "auth OFF" in warning and "AETRAIN_AUTH=on" in warning
