@@ -25,6 +25,7 @@ from types import FrameType
 import redis
 
 from shared.settings import Settings
+from workers.faults import restart_delay_s
 from workers.processes import die_with_parent
 
 _STOP_TIMEOUT_S = 60.0
@@ -167,6 +168,7 @@ def run_up(settings: Settings, host: str, port: int) -> int:
                       f"see {child.log_path}", file=sys.stderr)  # fmt: skip
                 if len(recent) >= _MAX_RESTARTS:
                     raise RuntimeError(f"{child.name} died {len(recent) + 1} times in a minute")
+                time.sleep(restart_delay_s())
                 children[i] = restart(child, logs, env.get("AETRAIN_REDIS_URL", ""))
                 restarts[child.name] = [*recent, now]
                 print(f"aetrain: {child.name} started again", file=sys.stderr)

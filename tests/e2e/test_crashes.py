@@ -46,6 +46,9 @@ def test_redis_killed_loses_no_acknowledged_job_and_the_api_says_503_meanwhile(
     tmp_path: Path, ray_address: str
 ) -> None:
     up = UpProcess(tmp_path / ".aetrain", free_port(), ray_address)
+    # `up` holds Redis down for 4 s, so the outage is there to observe whoever wins the race
+    # (it once had Redis back before the first probe).
+    up.env["AETRAIN_FAULT_RESTART_DELAY_S"] = "4"
     up.start()
     try:
         acknowledged = []
@@ -55,19 +58,14 @@ def test_redis_killed_loses_no_acknowledged_job_and_the_api_says_503_meanwhile(
             acknowledged.append(response.json()["id"])
         os.kill(child_pid(up, "redis-server"), signal.SIGKILL)  # right after the last 201
 
-        outage = []
-        for _ in range(5):
-            started = time.monotonic()
-            try:
-                response = httpx.get(f"{up.url}/v1/jobs", timeout=10)
-            except httpx.TransportError as exc:
-                raise AssertionError("the API must answer during the outage") from exc
-            outage.append((response.status_code, time.monotonic() - started))
-            if response.status_code == 200:
-                break  # Redis is back already
-            assert response.status_code == 503 and response.headers["Retry-After"]
-            assert time.monotonic() - started < 7.0
-        assert outage[0][0] == 503, outage
+        started = time.monotonic()
+        try:
+            response = httpx.get(f"{up.url}/v1/jobs", timeout=10)
+        except httpx.TransportError as exc:
+            raise AssertionError("the API must answer during the outage") from exc
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"]
+        assert time.monotonic() - started < 7.0  # an answer, not a hang on a dead socket
 
         def recovered() -> bool:
             try:
