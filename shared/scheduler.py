@@ -4,7 +4,8 @@ A stage asks (`reserve`) before it is handed to Ray. Asks wait in queue order (p
 job age, then stage) and the first one is granted as soon as it fits, so a big stage is never
 starved by a stream of small ones. A grant belongs to its job's fencing token: the grants of a
 runner whose lease is gone are swept at the next ask, so a dead dispatcher gives its resources
-back once its lease expires.
+back once its lease expires; and a runner whose lease is gone can neither ask (its ask would
+replace the new owner's, or be told the new owner's grant is its own) nor release.
 """
 
 import json
@@ -32,6 +33,7 @@ for i = 1, #entries, 2 do
   end
 end
 if ARGV[1] == '' then return cjson.encode(granted_use) end
+if redis.call('GET', ARGV[7] .. ARGV[2]) ~= ARGV[3] then return 'lost' end
 local mine = redis.call('HGET', KEYS[1], ARGV[1])
 if mine and cjson.decode(mine).granted then return 'granted' end
 local need = cjson.decode(ARGV[4])
@@ -72,7 +74,8 @@ class Scheduler:
     ) -> str:
         """Ask for `need` out of a cluster of `total`: 'granted', 'behind' or 'no room'.
 
-        Asking again keeps the place in line.
+        Asking again keeps the place in line. 'lost' when the claim's token no longer holds
+        the job's lease: the ask is not recorded, and the caller must stop.
         """
         job = claim.job
         keys = [self.keys.scheduler, self.keys.waiting]

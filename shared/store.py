@@ -488,6 +488,14 @@ class JobStore:
         )
         return bool(renewed)
 
+    def holds_lease(self, job_id: str, token: int) -> bool:
+        """Whether `token` still holds the job's lease (a read; nothing is renewed).
+
+        For writes outside Redis (files in storage) that the lease must fence: a True is
+        only as fresh as the read, so a caller checks it just before it writes.
+        """
+        return bool(self.redis.get(self.keys.lease(job_id)) == str(token))
+
     def record_progress(
         self, job_id: str, token: int, stage: str, epoch: int, metrics: dict[str, Any],
         cap: int = 100_000,

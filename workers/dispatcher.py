@@ -82,7 +82,8 @@ class Dispatcher:
             # Without room, only a job whose runner died is taken: it keeps its place in line.
             claim = self._claim(block_ms=500, takeovers_only=not self._cluster_has_room())
             if claim is not None and self.stopping.is_set():  # stopped while it was claimed
-                self._give_back(claim)
+                with LeaseKeeper(self.store, claim.job.id, claim.token, self.lease_ttl_s) as lease:
+                    self._give_back(claim, lease)
             elif claim is not None:
                 thread = threading.Thread(
                     target=self.execute, args=(claim,), name=f"job-{claim.job.id}", daemon=True
@@ -177,28 +178,37 @@ class Dispatcher:
             checkpoints = graph.run()
             pause_at("finalizing", job.id)
             started = time.monotonic()
-            result = self._finalize(claim, checkpoints, graph.seconds)
+            result = self._finalize(claim, lease, checkpoints, graph.seconds)
             log.info("job %s: finalized in %.1f s", job.id, time.monotonic() - started)
         except LeaseLost:
             log.warning("job %s: lease lost; another runner owns it now", job.id)
             return None
         except Stopped as stopped:
             if stopped.reason is StopReason.CANCELLED:
-                return self._finish(claim, JobState.CANCELLED, error="cancelled by request")
-            return self._give_back(claim)
+                return self._finish(claim, lease, JobState.CANCELLED, error="cancelled by request")
+            return self._give_back(claim, lease)
         except StageFailed as exc:
             log.warning("job %s failed: %s", job.id, exc)
-            return self._finish(claim, JobState.FAILED, error=str(exc))
+            return self._finish(claim, lease, JobState.FAILED, error=str(exc))
+        except redis.RedisError as exc:  # retried already (lease.retry): not the job's fault
+            log.error("job %s: left to its lease, which lapses; it runs again: %s", job.id, exc)
+            return None
         except Exception as exc:
             log.warning("job %s failed: %s", job.id, exc)
-            return self._finish(claim, JobState.FAILED, error=f"{type(exc).__name__}: {exc}")
-        return self._finish(claim, JobState.SUCCEEDED, result=result)
+            return self._finish(claim, lease, JobState.FAILED,
+                                error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+        return self._finish(claim, lease, JobState.SUCCEEDED, result=result)
 
     def _finalize(
-        self, claim: Claim, checkpoints: dict[str, str], seconds: dict[str, dict[str, float]]
+        self,
+        claim: Claim,
+        lease: LeaseKeeper,
+        checkpoints: dict[str, str],
+        seconds: dict[str, dict[str, float]],
     ) -> dict[str, Any]:
-        job = self.store.get(claim.job.id)  # with the stage results of this run
-        history = self.store.metrics_history(job.id)
+        job_id = claim.job.id
+        job = lease.retry(lambda: self.store.get(job_id), "read the record")  # with stage results
+        history = lease.retry(lambda: self.store.metrics_history(job_id), "read the metrics")
         relative = self.storage.attempt_folder(job.id, claim.token)
         train_seconds = sum(float(m.get("epoch_seconds", 0.0)) for m in history)
         timings = {
@@ -209,20 +219,47 @@ class Dispatcher:
             "fit_seconds": sum(s["fit"] for s in seconds.values()),
         }
         folder = self.storage.root / relative
+        # The artifacts go to this runner's own attempt folder, so a runner that lost its
+        # lease never overwrites the new owner's; still, one that froze past its lease (a
+        # SIGSTOP, a VM pause) writes nothing on waking. Its lease may lapse while it writes;
+        # then the files stay in its folder, which the record never names (the janitor
+        # removes it) because `finish` refuses the token.
+        if lease.lost.is_set() or not lease.retry(
+            lambda: self.store.holds_lease(job_id, claim.token), "check the lease"
+        ):
+            raise LeaseLost(job_id, claim.token)
         result = finalize(job, checkpoints, history, folder, timings, self.storage.datasets_root)
         return {**result, "folder": relative}
 
-    def _finish(self, claim: Claim, state: JobState, **changes: Any) -> JobRecord | None:
-        try:
-            return self.store.finish(claim, state, **changes)
-        except LeaseLost:
-            log.warning("job %s: lease lost before it could become %s", claim.job.id, state)
-            return None
+    def _finish(
+        self, claim: Claim, lease: LeaseKeeper, state: JobState, **changes: Any
+    ) -> JobRecord | None:
+        """Record how the job ended, through Redis errors while the lease is ours.
 
-    def _give_back(self, claim: Claim) -> JobRecord | None:
+        Never raises: a job thread that died here left its lease to lapse and a finished job
+        to be run again. None when the lease is gone or Redis refused for too long.
+        """
         try:
-            return self.store.give_back(
-                claim, "dispatcher stopped; the job goes back to the queue and resumes"
+            return lease.retry(lambda: self.store.finish(claim, state, **changes),
+                               f"record the job as {state}")  # fmt: skip
+        except LeaseLost:
+            # (Or a try whose reply was lost with the connection went through and released it.)
+            log.warning("job %s: lease lost before it could become %s", claim.job.id, state)
+        except redis.RedisError:  # logged by retry; the lease lapses and the job runs again
+            pass
+        return None
+
+    def _give_back(self, claim: Claim, lease: LeaseKeeper) -> JobRecord | None:
+        """Return the job to the queue, through Redis errors while the lease is ours."""
+        try:
+            return lease.retry(
+                lambda: self.store.give_back(
+                    claim, "dispatcher stopped; the job goes back to the queue and resumes"
+                ),
+                "give the job back",
             )
         except LeaseLost:
-            return None
+            log.warning("job %s: lease lost before it could be given back", claim.job.id)
+        except redis.RedisError:  # logged by retry; the lease lapses, and a claim takes it over
+            pass
+        return None

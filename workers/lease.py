@@ -3,11 +3,23 @@
 import logging
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
+from typing import TypeVar
 
+import redis
+
+from shared.errors import LeaseLost
 from shared.store import JobStore
 
 log = logging.getLogger("aetrain.lease")
+
+T = TypeVar("T")
+
+# How long a runner's write is tried again while Redis refuses it but the lease is still
+# renewed (writes refused for memory, renewals are not: PEXPIRE does not add memory). Past
+# this the runner gives up, its lease lapses, and the job runs again as after a crash.
+WRITE_RETRY_S = 60.0
 
 
 class LeaseKeeper:
@@ -35,6 +47,34 @@ class LeaseKeeper:
     ) -> None:
         self._stop.set()
         self._thread.join()
+
+    def retry(self, write: Callable[[], T], what: str, limit_s: float = WRITE_RETRY_S) -> T:
+        """`write()`, tried again through Redis errors for as long as the lease may be ours.
+
+        LeaseLost once the lease keeper has given the lease up (a renewal refused, or none for
+        a whole TTL) or the store refused the token; the last Redis error once `limit_s` has
+        passed. A write whose reply was lost with the connection may have been applied: the
+        writes retried here are idempotent, or fail on the retry with LeaseLost (finish and
+        give_back release the lease).
+        """
+        deadline = time.monotonic() + limit_s
+        pause, tries = 0.1, 0
+        while True:
+            try:
+                return write()
+            except redis.RedisError as exc:
+                tries += 1
+                if self.lost.is_set():
+                    raise LeaseLost(self.job_id, self.token) from exc
+                if time.monotonic() + pause > deadline:
+                    log.error("job %s: gave up trying to %s after %d tries in %.0f s: %s",
+                              self.job_id, what, tries, limit_s, exc)  # fmt: skip
+                    raise
+                if tries == 1:
+                    log.warning("job %s: could not %s; trying again while the lease is ours: "
+                                "%s", self.job_id, what, exc)  # fmt: skip
+            time.sleep(pause)
+            pause = min(2 * pause, 1.0)
 
     def _run(self) -> None:
         renewed_at = time.monotonic()

@@ -116,7 +116,8 @@ def run_stage(
 ) -> dict[str, Any]:
     """Run the stage to its end; returns the child's outcome or raises.
 
-    Raises Stopped on cancel or shutdown, LeaseLost when the lease is gone, Stalled past the
+    Raises Stopped on cancel or shutdown, LeaseLost when the lease is gone (seen here or by
+    the stage's process, which then ends itself), Stalled past the
     progress deadline, Diverged when the loss stopped being finite, TrainingFailed when
     training raised.
     """
@@ -157,6 +158,8 @@ def run_stage(
     if not outcome_path.exists():
         raise TrainingFailed(f"training process exited with code {child.returncode}")
     outcome: dict[str, Any] = json.loads(outcome_path.read_text())
+    if outcome.get("lease_lost"):  # the process saw it first (stage_process.py): its parent froze
+        raise LeaseLost(job_id, token)
     if "diverged_at" in outcome:
         raise Diverged(outcome["error"])
     if "error" in outcome:

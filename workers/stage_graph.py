@@ -134,6 +134,8 @@ class StageGraph:
                             stage.name, exc)  # fmt: skip
             if answer == "granted":
                 return
+            if answer == "lost":  # frozen past the lease: the stage is someone else's now
+                raise LeaseLost(job_id, self.claim.token)
             time.sleep(_WAIT_POLL_S)
 
     def _mark(self, name: str, state: StageState, **changes: Any) -> JobRecord:
@@ -142,7 +144,9 @@ class StageGraph:
                 return job
             return job.with_stage(name, state, **changes)
 
-        return self.wiring.store.update(self.claim.job.id, self.claim.token, change)
+        store, job_id, token = self.wiring.store, self.claim.job.id, self.claim.token
+        return self.lease.retry(lambda: store.update(job_id, token, change),
+                                f"mark stage {name} {state}")  # fmt: skip
 
     def _should_stop(self) -> bool:
         return self.stopping.is_set() or self.job_stopping.is_set()
@@ -180,7 +184,9 @@ class StageGraph:
         def change(job: JobRecord) -> JobRecord:
             return job.model_copy(update={"warnings": [*job.warnings, note]})
 
-        self.wiring.store.update(self.claim.job.id, self.claim.token, change)
+        # A retry after a reply lost with the connection may repeat the note: harmless.
+        store, job_id, token = self.wiring.store, self.claim.job.id, self.claim.token
+        self.lease.retry(lambda: store.update(job_id, token, change), "add a warning")
 
     def _train(self, stage: StagePlan, inputs: dict[str, str]) -> dict[str, Any]:
         job, wiring = self.claim.job, self.wiring
@@ -211,6 +217,8 @@ class StageGraph:
         except Stopped as stopped:
             if stopped.reason is StopReason.SHUTDOWN and self.job_stopping.is_set():
                 raise StageFailed(stage.name, "stopped: another stage of the job failed") from None
+            raise
+        except LeaseLost:  # not the stage's failure: the job is another runner's now
             raise
         except Diverged as diverged:
             self._warn(str(diverged))  # the record says why, beside the error

@@ -2,6 +2,7 @@
 that runs the fewest, whatever priorities and how many jobs another tenant queued; and a
 stale runner cannot give back the grant of the runner that replaced it."""
 
+import json
 import time
 
 import pytest
@@ -87,6 +88,26 @@ def test_a_stale_runner_cannot_release_the_new_owners_grant(store: JobStore) -> 
     assert store.scheduler.reserved() == ({"CPU": 1.0}, 0)
     assert store.scheduler.release(owner, "train")
     assert store.scheduler.reserved() == ({}, 0)
+
+
+def test_a_stale_runner_that_asks_again_is_told_lost_and_changes_nothing(
+    store: JobStore,
+) -> None:
+    job = submit(store, "alice")
+    stale = store.claim("c1", lease_ttl_s=0.3, block_ms=50)
+    assert stale is not None
+    store.redis.delete(store.keys.lease(job.id))  # froze past its lease while waiting in line
+    owner = next_claim(store)
+    cluster = {"CPU": 1.0}
+    # The new owner waiting for room, then granted.
+    for need, answer in (({"CPU": 2.0}, "no room"), ({"CPU": 1.0}, "granted")):
+        assert store.scheduler.reserve(owner, "train", need, cluster) == answer
+        before = store.redis.hgetall(store.keys.scheduler)
+        # Neither told that the new owner's grant is its own, nor replacing the owner's ask.
+        assert store.scheduler.reserve(stale, "train", {"CPU": 1.0}, cluster) == "lost"
+        assert store.redis.hgetall(store.keys.scheduler) == before
+    (entry,) = store.redis.hvals(store.keys.scheduler)
+    assert json.loads(entry)["token"] == str(owner.token)
 
 
 def test_jobs_run_one_at_a_time_still_take_turns_between_tenants(store: JobStore) -> None:
