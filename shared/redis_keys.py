@@ -6,6 +6,7 @@
     lease:<id>           the runner's fencing token, with a TTL
     fence:<id>           counter of fencing tokens
     jobs:<tenant>        sorted set (by id) of a tenant's jobs: the listing index
+    jobs:<tenant>:<state> the same, of the jobs in one state (the filtered listing)
     open:<tenant>        set of a tenant's queued and running jobs: what its limit counts
     queue:<tenant>       sorted set of a tenant's queued jobs (score: -priority; ties: age)
     waiting_tenants      set of tenants that may have queued jobs
@@ -53,6 +54,15 @@ class Keys:
 
     def index(self, tenant: str) -> str:
         return f"{self.prefix}:jobs:{tenant}"
+
+    @property
+    def state_indexes_built(self) -> str:
+        """Set once the per-state indexes hold every job stored before they existed."""
+        return f"{self.prefix}:state_indexes_built"
+
+    def state_index(self, tenant: str, state: str) -> str:
+        """A tenant's jobs in one state: a filtered listing reads only these, never them all."""
+        return f"{self.prefix}:jobs:{tenant}:{state}"
 
     def idempotency(self, tenant: str, key: str) -> str:
         return f"{self.prefix}:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"

@@ -181,6 +181,7 @@ class JobStore:
             pipe.multi()
             pipe.set(self.keys.job(job.id), job.model_dump_json())
             pipe.zadd(self.keys.index(tenant), {job.id: 0})
+            pipe.zadd(self.keys.state_index(tenant, job.state), {job.id: 0})
             pipe.zadd(self.keys.tenant_queue(tenant), {job.id: queue_score(job)})
             pipe.sadd(self.keys.waiting_tenants, tenant)
             pipe.sadd(self.keys.tenants, tenant)
@@ -230,13 +231,16 @@ class JobStore:
     ) -> tuple[list[JobRecord], str | None]:
         """Jobs newest first; `cursor` is the last id of the previous page.
 
-        Index entries of jobs that expired or were deleted are dropped on the way.
+        With `state`, only that state's index is read, so a page costs the same with 10 jobs
+        or 100,000 in other states. Index entries of jobs that expired or were deleted are
+        dropped on the way.
         """
         items: list[JobRecord] = []
         upper = f"({cursor}" if cursor else "+"
         batch = max(limit, 50)
+        index = self.keys.index(tenant) if state is None else self.keys.state_index(tenant, state)
         while len(items) < limit:
-            ids = self.redis.zrevrangebylex(self.keys.index(tenant), upper, "-", 0, batch)
+            ids = self.redis.zrevrangebylex(index, upper, "-", 0, batch)
             if not ids:
                 return items, None
             for job_id in ids:
@@ -244,7 +248,7 @@ class JobStore:
                 try:
                     job = self.get(job_id)
                 except JobNotFound:
-                    self.redis.zrem(self.keys.index(tenant), job_id)
+                    self.redis.zrem(index, job_id)
                     continue
                 except ValueError as exc:  # a record we cannot read must not hide the others
                     log.error("job %s: unreadable record left out of the list: %s", job_id, exc)
@@ -313,6 +317,7 @@ class JobStore:
             pipe.multi()
             pipe.delete(*self.keys.job_keys(job_id))
             pipe.zrem(self.keys.index(job.tenant), job_id)
+            pipe.zrem(self.keys.state_index(job.tenant, job.state), job_id)
             pipe.srem(self.keys.open_jobs(job.tenant), job_id)
             self._announce(pipe, job_id)
             pipe.execute()
@@ -324,16 +329,40 @@ class JobStore:
         return sorted(self.redis.smembers(self.keys.tenants))
 
     def prune_index(self, tenant: str, batch: int = 500) -> int:
-        """Drop a tenant's index entries whose record has expired; returns how many went."""
+        """Drop a tenant's index entries whose record has expired; returns how many went from
+        the main index (the per-state indexes are pruned alike)."""
+        indexes = [self.keys.index(tenant), *(self.keys.state_index(tenant, s) for s in JobState)]
+        counts = [self._prune(index, batch) for index in indexes]
+        return counts[0]
+
+    def index_states(self, batch: int = 500) -> int:
+        """Put every listed job into the index of its state, once per database (the per-state
+        indexes came after jobs were already stored); returns how many were indexed."""
+        if not self.redis.set(self.keys.state_indexes_built, "1", nx=True):
+            return 0
+        indexed = 0
+        for tenant in self.tenants():
+            start = 0
+            while ids := self.redis.zrange(self.keys.index(tenant), start, start + batch - 1):
+                start += len(ids)
+                for job_id, raw in zip(ids, self.redis.mget(
+                        [self.keys.job(i) for i in ids]), strict=True):  # fmt: skip
+                    if raw is not None:
+                        state = json.loads(raw)["state"]
+                        self.redis.zadd(self.keys.state_index(tenant, state), {job_id: 0})
+                        indexed += 1
+        return indexed
+
+    def _prune(self, index: str, batch: int) -> int:
         dropped, start = 0, 0
-        while ids := self.redis.zrange(self.keys.index(tenant), start, start + batch - 1):
+        while ids := self.redis.zrange(index, start, start + batch - 1):
             exists = self.redis.pipeline(transaction=False)
             for job_id in ids:
                 exists.exists(self.keys.job(job_id))
             gone = [job_id for job_id, alive in zip(ids, exists.execute(), strict=True)
                     if not alive]  # fmt: skip
             if gone:
-                self.redis.zrem(self.keys.index(tenant), *gone)
+                self.redis.zrem(index, *gone)
             dropped += len(gone)
             start += len(ids) - len(gone)
         return dropped
@@ -457,6 +486,11 @@ class JobStore:
         with its state (inside a MULTI)."""
         job_id, tenant = job.id, job.tenant
         pipe.set(self.keys.job(job_id), job.model_dump_json())
+        for state in JobState:
+            if state is job.state:
+                pipe.zadd(self.keys.state_index(tenant, state), {job_id: 0})
+            else:
+                pipe.zrem(self.keys.state_index(tenant, state), job_id)
         if job.state is JobState.QUEUED:
             pipe.srem(self.keys.active, job_id)
             pipe.srem(self.keys.running(tenant), job_id)

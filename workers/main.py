@@ -33,6 +33,8 @@ def run_worker(settings: Settings | None = None) -> None:
     redis_url = settings.require_redis_url()
     store = JobStore(connect(redis_url), settings.key_prefix, settings.retention_s)
     warn_if_redis_evicts(store, logging.getLogger("aetrain.worker"))
+    if indexed := store.index_states():
+        logging.getLogger("aetrain.worker").info("indexed %d stored jobs by state", indexed)
     storage = Storage(settings.storage_root)
     storage.root.mkdir(parents=True, exist_ok=True)
     ray_address = connect_ray(settings.ray_address)

@@ -648,3 +648,34 @@ def test_a_metrics_stream_is_capped_at_what_its_job_needs(store: JobStore) -> No
         assert store.record_progress(job.id, running.token, "train", epoch % 3, {"x": 1.0}, cap)
     # Redis trims by whole nodes with `~`: never below the cap, and not far above it.
     assert cap <= store.redis.xlen(store.keys.metrics(job.id)) < cap + 200
+
+
+def test_a_state_filtered_page_reads_only_jobs_in_that_state(store: JobStore) -> None:
+    finished = []
+    for _ in range(300):
+        submitted(store, "acme")
+        finished.append(store.finish(claim(store), JobState.SUCCEEDED, result={}))
+    running_job = submitted(store, "acme")
+    running = claim(store)
+    assert running.job.id == running_job.id
+    gets_before = store.redis.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+    items, cursor = store.list_jobs("acme", JobState.RUNNING, limit=10)
+    gets = store.redis.info("commandstats")["cmdstat_get"]["calls"] - gets_before
+    assert [j.id for j in items] == [running_job.id] and cursor is None
+    assert gets <= 2  # the one running record, not the 300 finished ones
+    page, _ = store.list_jobs("acme", JobState.SUCCEEDED, limit=5)
+    assert [j.id for j in page] == [j.id for j in reversed(finished[-5:])]
+    store.finish(running, JobState.CANCELLED)
+    assert store.list_jobs("acme", JobState.RUNNING) == ([], None)
+    assert store.list_jobs("acme", JobState.CANCELLED)[0][0].id == running_job.id
+
+
+def test_jobs_stored_before_the_state_indexes_are_indexed_once(store: JobStore) -> None:
+    job = submitted(store, "acme")
+    store.finish(claim(store), JobState.SUCCEEDED, result={})
+    for state in JobState:  # as a database from before the per-state indexes
+        store.redis.delete(store.keys.state_index("acme", state))
+    assert store.list_jobs("acme", JobState.SUCCEEDED) == ([], None)
+    assert store.index_states() == 1
+    assert store.list_jobs("acme", JobState.SUCCEEDED)[0][0].id == job.id
+    assert store.index_states() == 0  # once per database
