@@ -22,6 +22,9 @@
     dispatchers          hash: dispatcher id -> its info; `dispatcher_seen` its last beat
     quota:<tenant>       hash: ledger item (job:<id>, dataset:<id>) -> bytes it may take
     dataset_owners:<id>  set of the tenants whose index names an uploaded dataset
+    idem:<tenant>:<h>    an Idempotency-Key's first job (24 h)
+    event_streams:<t>    sorted set: a tenant's open event streams, scored by expiry
+    state_indexes_built  set once every stored job is in the index of its state
 """
 
 import hashlib
