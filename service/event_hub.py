@@ -33,6 +33,7 @@ READ_COUNT = 1000
 KEY_CHECK_S = 2.0
 SLOT_TTL_S = 30.0
 SLOT_REFRESH_S = 10.0
+STOP_STEP_S = 5.0
 
 # KEYS: a tenant's open streams. ARGV: stream id, limit, ttl_ms. Redis's clock, so that every
 # API process agrees on what has expired.
@@ -109,12 +110,18 @@ class EventHub:
         self._task = asyncio.create_task(self._run(), name="aetrain-event-hub")
 
     async def stop(self) -> None:
-        """Stop reading, finish the slot releases under way, close the connections."""
+        """Stop reading, finish the slot releases under way, close the connections.
+
+        Each step gets STOP_STEP_S at most: a shutdown must never hang on Redis (a CI run once
+        waited 275 s in an app's shutdown). What is left over lapses in Redis by itself.
+        """
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await asyncio.gather(*self._releases, return_exceptions=True)
-        await self.redis.aclose()
+            await _within(STOP_STEP_S, "the reader", self._task)
+        if self._releases:
+            await _within(STOP_STEP_S, "slot releases", *self._releases)
+        closing = asyncio.get_running_loop().create_task(self.redis.aclose())
+        await _within(STOP_STEP_S, "closing the connections", closing)
 
     # -- streams ------------------------------------------------------------------------------
     async def open(self, job_id: str, tenant: str, limit: int, api_key: str | None) -> Watch:
@@ -233,3 +240,10 @@ class EventHub:
     async def _last_id(self, stream: str) -> str:
         last = await self.redis.xrevrange(stream, "+", "-", count=1)
         return str(last[0][0]) if last else "0-0"
+
+
+async def _within(seconds: float, what: str, *tasks: "asyncio.Future[Any]") -> None:
+    """Wait for `tasks` at most `seconds` (never cancelling and waiting again); log what is left."""
+    _, pending = await asyncio.wait(tasks, timeout=seconds)
+    if pending:
+        log.warning("event hub: %s did not finish within %.0f s at shutdown", what, seconds)
