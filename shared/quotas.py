@@ -44,13 +44,40 @@ BUILTIN_CLASSES = 10
 
 # KEYS: ledger. ARGV: item, bytes, limit. Returns {1, used} when charged now, {0, used} when the
 # item was charged before (a retry), {-1, used} when it does not fit; `used` is before this call.
-_CHARGE = """
-local used = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do used = used + tonumber(v) end
+_USED = """
+local used = redis.call('GET', KEYS[2])
+if not used then
+  used = 0
+  for _, v in ipairs(redis.call('HVALS', KEYS[1])) do used = used + tonumber(v) end
+  if used > 0 then redis.call('SET', KEYS[2], used) end
+end
+"""
+
+# KEYS: ledger, its total. ARGV: item, bytes, limit. The total is kept beside the ledger, so a
+# charge costs the same with 10 or 100,000 items in it (summing the ledger cost 2.5 ms at
+# 10,000, and grew); a ledger from before the total is summed once.
+_CHARGE = _USED + """
+used = tonumber(used)
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return {0, used} end
 if used + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return {-1, used} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCRBY', KEYS[2], ARGV[2])
 return {1, used}
+"""
+
+# KEYS: ledger, its total. ARGV: items. Returns how many were charged.
+_RELEASE = _USED + """
+local released = 0
+for _, item in ipairs(ARGV) do
+  local charged = redis.call('HGET', KEYS[1], item)
+  if charged then
+    redis.call('HDEL', KEYS[1], item)
+    redis.call('DECRBY', KEYS[2], charged)
+    released = released + 1
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) end
+return released
 """
 
 
@@ -178,10 +205,15 @@ class Quotas:
         self.limit_bytes = limit_bytes
         self.min_free_bytes = min_free_bytes
         self._charge = client.register_script(_CHARGE)
+        self._release = client.register_script(_RELEASE)
+
+    def _keys(self, tenant: str) -> list[str]:
+        return [self.keys.quota(tenant), self.keys.quota_total(tenant)]
 
     def used(self, tenant: str) -> int:
         """Bytes charged to the tenant now."""
-        return sum(self.ledger(tenant).values())
+        total = self.redis.get(self.keys.quota_total(tenant))
+        return int(total) if total is not None else sum(self.ledger(tenant).values())
 
     def ledger(self, tenant: str) -> dict[str, int]:
         """Item -> bytes charged to the tenant."""
@@ -200,7 +232,7 @@ class Quotas:
         what = what or item
         if free_bytes is not None:
             self.require_free_disk(free_bytes, what)
-        status, used = self._charge(keys=[self.keys.quota(tenant)],
+        status, used = self._charge(keys=self._keys(tenant),
                                     args=[item, int(nbytes), self.limit_bytes])  # fmt: skip
         if int(status) < 0:
             quota = (f"{what}, under tenant {tenant!r}'s quota of {self.limit_bytes:,} bytes "
@@ -219,7 +251,7 @@ class Quotas:
         """Drop items from the ledger; returns how many were there."""
         if not items:
             return 0
-        return int(self.redis.hdel(self.keys.quota(tenant), *items))
+        return int(self._release(keys=self._keys(tenant), args=list(items)))
 
 
 def quotas_of(store: JobStore, settings: Settings) -> Quotas:

@@ -21,6 +21,7 @@
     apikey:<digest>, apikeyid:<id>, apikeys   API keys (shared/apikey_store.py)
     dispatchers          hash: dispatcher id -> its info; `dispatcher_seen` its last beat
     quota:<tenant>       hash: ledger item (job:<id>, dataset:<id>) -> bytes it may take
+    quota_total:<tenant> the ledger's sum, kept in step by the charge and release scripts
     dataset_owners:<id>  set of the tenants whose index names an uploaded dataset
     idem:<tenant>:<h>    an Idempotency-Key's first job (24 h)
     event_streams:<t>    sorted set: a tenant's open event streams, scored by expiry
@@ -141,6 +142,10 @@ class Keys:
     def quota(self, tenant: str) -> str:
         """A tenant's storage ledger: item (`job:<id>`, `dataset:<id>`) -> bytes charged."""
         return f"{self.prefix}:quota:{tenant}"
+
+    def quota_total(self, tenant: str) -> str:
+        """The sum of a tenant's storage ledger, kept in step with it."""
+        return f"{self.prefix}:quota_total:{tenant}"
 
     def dataset_owners(self, dataset_id: str) -> str:
         """Tenants whose index names an upload: its file goes when the last one deletes it."""

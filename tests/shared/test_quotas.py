@@ -184,3 +184,21 @@ def test_a_submission_while_the_disk_is_below_its_floor_is_507_naming_the_settin
     assert "AETRAIN_MIN_FREE_DISK_BYTES" in refused.json()["detail"]
     assert f"{2**62:,}" in refused.json()["detail"]
     assert store.redis.dbsize() == 0
+
+
+def test_a_charge_reads_a_running_total_not_the_whole_ledger(store: JobStore) -> None:
+    quotas = Quotas(store.redis, store.keys, limit_bytes=10**12)
+    with store.redis.pipeline(transaction=False) as pipe:  # 10,000 charges of finished jobs
+        for i in range(10_000):
+            pipe.hset(store.keys.quota("alice"), f"job:old{i}", 100)
+        pipe.execute()
+    assert quotas.charge("alice", "job:new", 5)  # a ledger from before the total: summed once
+    assert quotas.used("alice") == 1_000_005
+    assert int(store.redis.get(store.keys.quota_total("alice"))) == 1_000_005
+    store.redis.hset(store.keys.quota("alice"), "job:old0", 10**9)  # not read again
+    assert quotas.charge("alice", "job:next", 1) and quotas.used("alice") == 1_000_006
+    store.redis.hset(store.keys.quota("alice"), "job:old0", 100)
+    assert quotas.release("alice", "job:new", "job:next", "job:unknown") == 2
+    assert quotas.used("alice") == 1_000_000
+    assert quotas.release("alice", *(f"job:old{i}" for i in range(10_000))) == 10_000
+    assert not store.redis.exists(store.keys.quota("alice"), store.keys.quota_total("alice"))
