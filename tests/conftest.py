@@ -75,6 +75,12 @@ def settings(redis_url: str, storage: Storage, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
+def auth_settings(settings: Settings) -> Settings:
+    """The test settings with API keys on (as `aetrain api` and deploy/ run)."""
+    return settings.model_copy(update={"auth": "on"})
+
+
+@pytest.fixture
 def client(settings: Settings, store: JobStore) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:
         yield test_client

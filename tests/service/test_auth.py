@@ -29,11 +29,6 @@ def bearer(key: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def auth_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"auth": "on"})
-
-
-@pytest.fixture
 def api(auth_settings: Settings, store: JobStore) -> Iterator[TestClient]:
     with TestClient(create_app(auth_settings)) as client:
         yield client

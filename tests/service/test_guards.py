@@ -32,13 +32,8 @@ def raw_request(base_url: str, head: str, body: bytes = b"") -> tuple[int, bytes
 
 
 @pytest.fixture
-def auth_on(settings: Settings) -> Settings:
-    return settings.model_copy(update={"auth": "on"})
-
-
-@pytest.fixture
-def live_api(auth_on: Settings, store: JobStore) -> Iterator[str]:
-    with serve(create_app(auth_on)) as url:
+def live_api(auth_settings: Settings, store: JobStore) -> Iterator[str]:
+    with serve(create_app(auth_settings)) as url:
         yield url
 
 
@@ -52,8 +47,10 @@ def test_an_anonymous_100_mb_body_gets_its_401_before_the_body_is_sent(live_api:
     assert raw_request(live_api, head, b"PK")[0] == 401  # an upload too
 
 
-def test_a_malformed_body_without_a_key_is_401_not_422(auth_on: Settings, store: JobStore) -> None:
-    with TestClient(create_app(auth_on)) as api:
+def test_a_malformed_body_without_a_key_is_401_not_422(
+    auth_settings: Settings, store: JobStore
+) -> None:
+    with TestClient(create_app(auth_settings)) as api:
         response = api.post("/v1/jobs", content=b"{not json", headers={
             "Content-Type": "application/json"})  # fmt: skip
         assert response.status_code == 401
@@ -123,12 +120,12 @@ def test_an_allowed_host_is_served_with_auth_off(settings: Settings, store: JobS
 
 
 def test_readyz_says_only_ready_or_not_without_a_key(
-    auth_on: Settings, store: JobStore
+    auth_settings: Settings, store: JobStore
 ) -> None:
     store.dispatchers.register("host-1-4242-abc", {"id": "host-1-4242-abc", "slots": 4,
                                "running": 2, "ray_address": "10.0.0.1:6379"}, ttl_s=30)  # fmt: skip
     before = store.redis.info("commandstats").get("cmdstat_scan", {}).get("calls", 0)
-    with TestClient(create_app(auth_on)) as api:
+    with TestClient(create_app(auth_settings)) as api:
         anonymous = api.get("/readyz")
         assert anonymous.status_code == 200 and anonymous.json() == {"ready": True}
         bad_key = api.get("/readyz", headers={"Authorization": "Bearer aet_nope"})
