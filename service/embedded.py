@@ -131,6 +131,9 @@ def run_up(settings: Settings, host: str, port: int) -> int:
         "AETRAIN_HOME": str(home),
         "AETRAIN_STORAGE": settings.storage_root,
         "AETRAIN_AUTH": os.environ.get("AETRAIN_AUTH", "off"),
+        # One one-worker group kept started: the first job trains within a second of its
+        # submission instead of paying the group's start (seconds to tens of seconds).
+        "AETRAIN_WARM_GROUPS": os.environ.get("AETRAIN_WARM_GROUPS", "1"),
     }
     children: list[Child] = []
     stop_requested = False

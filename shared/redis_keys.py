@@ -16,7 +16,9 @@
     tenants              set of every tenant that submitted
     submissions:<t>:<m>  a tenant's submissions in clock minute m (expires)
     changes              stream of job ids whose record changed (capped)
-    scheduler, waiting   resource grants of stages and the line of stages waiting for theirs
+    scheduler, waiting   resource grants of stages, holds of idle warm groups, and the line
+                         of stages waiting for theirs
+    group:<id>           hash: a warm worker group's channel (task, outcome, stop, heartbeat)
     datasets:<tenant>    hash: dataset id -> DatasetInfo of a tenant's uploads
     apikey:<digest>, apikeyid:<id>, apikeys   API keys (shared/apikey_store.py)
     dispatchers          hash: dispatcher id -> its info; `dispatcher_seen` its last beat
@@ -88,6 +90,10 @@ class Keys:
     @property
     def waiting(self) -> str:
         return f"{self.prefix}:waiting"
+
+    def group(self, group_id: str) -> str:
+        """A warm worker group's channel with its dispatcher (shared/group_channel.py)."""
+        return f"{self.prefix}:group:{group_id}"
 
     @property
     def dispatchers(self) -> str:

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     min_free_disk_bytes: int = Field(
         default=2**30, ge=0, description="submissions and uploads are refused below this (507)"
     )
+    warm_idle_s: float = Field(
+        default=60.0, ge=0, le=86_400, description="an idle warm worker group is let go after this"
+    )
+    warm_groups: int = Field(
+        default=0, ge=0, le=64, description="one-worker groups kept started (`up` sets 1)"
+    )
     ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
 
     @property

@@ -47,6 +47,8 @@ def run_worker(settings: Settings | None = None) -> None:
         slots=settings.dispatcher_slots,
         max_takeovers=settings.max_takeovers,
         min_free_disk_bytes=settings.min_free_disk_bytes,
+        warm_idle_s=settings.warm_idle_s,
+        warm_groups=settings.warm_groups,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

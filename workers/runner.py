@@ -1,26 +1,23 @@
-"""Runs one stage as a supervised child process and watches lease, cancel and exit."""
+"""Runs one stage on a warm worker group and watches lease, cancel, progress and the group."""
 
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import redis
 
 from shared.claims import Claim
 from shared.errors import LeaseLost, TrainingFailed
+from shared.group_channel import StageOutcome
 from shared.store import JobStore
+from workers.group_pool import GroupPool, WarmGroup
 from workers.lease import LeaseKeeper
-from workers.processes import parent_death_env
 
-_POLL_S = 0.2
+_POLL_S = 0.05
 _CANCEL_CHECK_S = 1.0
+STOP_GRACE_S = 10.0  # a group that has not stopped its stage by then is killed
 
 
 class StopReason(StrEnum):
@@ -30,12 +27,11 @@ class StopReason(StrEnum):
 
 @dataclass(frozen=True)
 class StageRun:
-    """What the dispatcher needs to start a stage's child process."""
+    """A stage to hand to a group: the claim it runs under and its task's fields."""
 
     claim: Claim
     stage: str
-    config: dict[str, Any]
-    log_path: Path
+    task_fields: dict[str, Any]  # StageTask's, but for seq and submitted_at (the group's)
     progress_timeout_s: float = 600.0
 
 
@@ -110,39 +106,30 @@ class ProgressWatch:
 
 def run_stage(
     store: JobStore,
+    pool: GroupPool,
+    group: WarmGroup,
     run: StageRun,
     lease: LeaseKeeper,
     should_stop: Callable[[], bool],
-) -> dict[str, Any]:
-    """Run the stage to its end; returns the child's outcome or raises.
+) -> StageOutcome:
+    """Train the stage on `group` to its end; returns its outcome or raises.
 
     Raises Stopped on cancel or shutdown, LeaseLost when the lease is gone (seen here or by
-    the stage's process, which then ends itself), Stalled past the
-    progress deadline, Diverged when the loss stopped being finite, TrainingFailed when
-    training raised.
+    the group, which then ends the stage itself), Stalled past the progress deadline (the
+    group is killed), Diverged when the loss stopped being finite, TrainingFailed when
+    training raised or the group died. A group asked to stop that has not within
+    STOP_GRACE_S is killed (the pool starts another for the next stage).
     """
     job_id, token = run.claim.job.id, run.claim.token
-    workdir = run.log_path.parent
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / f"{run.stage}-attempt-{token}.json"
-    outcome_path = workdir / f"{run.stage}-attempt-{token}.outcome.json"
-    outcome_path.unlink(missing_ok=True)
-    config = {**run.config, "outcome_path": str(outcome_path), "spawned_at": time.time()}
-    config_path.write_text(json.dumps(config))
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
-           **parent_death_env()}  # fmt: skip
-    with open(run.log_path, "ab") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "workers.stage_process", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+    task = group.submit(**run.task_fields)
     watch = ProgressWatch(store, job_id, run.stage, run.progress_timeout_s)
     last_check = time.monotonic()
     try:
-        while child.poll() is None:
+        while (outcome := _read_outcome(group, task.seq)) is None:
+            if not group.alive:
+                tail = group.log_tail().strip().splitlines()
+                raise TrainingFailed(f"its worker group exited ({group.process.returncode})"
+                                     + (f": {tail[-1]}" if tail else ""))  # fmt: skip
             time.sleep(_POLL_S)
             if lease.lost.is_set():
                 raise LeaseLost(job_id, token)
@@ -151,17 +138,39 @@ def run_stage(
                 last_check = time.monotonic()
             if should_stop():
                 raise Stopped(StopReason.SHUTDOWN)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    if not outcome_path.exists():
-        raise TrainingFailed(f"training process exited with code {child.returncode}")
-    outcome: dict[str, Any] = json.loads(outcome_path.read_text())
-    if outcome.get("lease_lost"):  # the process saw it first (stage_process.py): its parent froze
+    except Stalled:
+        pool.retire(group, "a stage on it stalled")
+        raise
+    except (Stopped, LeaseLost):
+        _stop(pool, group, task.seq)
+        raise
+    if outcome.lease_lost:  # the group saw it first: this dispatcher froze past its lease
         raise LeaseLost(job_id, token)
-    if "diverged_at" in outcome:
-        raise Diverged(outcome["error"])
-    if "error" in outcome:
-        raise TrainingFailed(outcome["error"])
+    if outcome.stopped:  # asked by an earlier runner of the job, or this one's stop raced
+        raise Stopped(StopReason.SHUTDOWN)
+    if outcome.diverged_at is not None:
+        raise Diverged(outcome.error or "diverged")
+    if outcome.error is not None:
+        raise TrainingFailed(outcome.error)
     return outcome
+
+
+def _read_outcome(group: WarmGroup, seq: int) -> StageOutcome | None:
+    try:
+        return group.channel.outcome(seq)
+    except redis.RedisError:  # no news; the lease keeper decides when the job is lost
+        return None
+
+
+def _stop(pool: GroupPool, group: WarmGroup, seq: int) -> None:
+    """Ask the group to end the stage; kill it if it has not within STOP_GRACE_S."""
+    deadline = time.monotonic() + STOP_GRACE_S
+    try:
+        group.channel.request_stop(seq)
+    except redis.RedisError:
+        deadline = 0.0
+    while time.monotonic() < deadline and group.alive:
+        if _read_outcome(group, seq) is not None:
+            return
+        time.sleep(_POLL_S)
+    pool.retire(group, f"it did not stop its stage within {STOP_GRACE_S:.0f} s")

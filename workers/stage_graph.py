@@ -5,6 +5,10 @@ stages of this and of other jobs share the cluster without holding part of it wh
 independent stages run at the same time when the cluster has room. A stage that asks for more
 than the whole cluster has fails at once instead of waiting forever. Stages that succeeded in
 an earlier attempt (before a takeover or a restart) are not run again.
+
+Each stage runs on a warm worker group of its shape (group_pool.py): the idle one the stage
+before it left, when there is one, so a chain of stages (the layers and fine-tune of a stack,
+pretraining then head) trains back to back on one group.
 """
 
 import logging
@@ -12,21 +16,19 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
 import redis
-import torch
 
 from shared.claims import Claim
 from shared.errors import LeaseLost
+from shared.group_channel import GroupShape, StageOutcome
 from shared.jobs import JobRecord, StageState
-from shared.metrics import Metrics, json_safe
 from shared.stages import StagePlan, plan_stages
 from shared.storage import Storage
 from shared.store import JobStore, metrics_cap
-from workers.checkpoints import load_state
+from workers.group_pool import GroupPool, WarmGroup
 from workers.lease import LeaseKeeper
 from workers.runner import (
     Diverged,
@@ -37,7 +39,6 @@ from workers.runner import (
     cancel_requested,
     run_stage,
 )
-from workers.tasks import build_task
 
 log = logging.getLogger("aetrain.stages")
 
@@ -62,12 +63,11 @@ class StageDiverged(StageFailed):
 
 @dataclass(frozen=True)
 class Wiring:
-    """Where a stage's process finds Redis, Ray and storage."""
+    """Where a stage finds Redis, storage and the dispatcher's warm groups."""
 
     store: JobStore
     storage: Storage
-    redis_url: str
-    ray_address: str
+    pool: GroupPool
     min_free_disk_bytes: int = 0  # a stage is not started on a storage fuller than this
 
 
@@ -114,9 +114,13 @@ class StageGraph:
                 raise
         return checkpoints
 
-    def _wait_for_resources(self, stage: StagePlan, total: dict[str, float]) -> None:
-        """Wait in line until the scheduler grants the stage's resources (no Ray is touched)."""
+    def _wait_for_resources(self, stage: StagePlan, total: dict[str, float]) -> str | None:
+        """Wait in line until the scheduler grants the stage's resources (no Ray is touched).
+
+        Returns the idle warm group whose hold became the grant, if one did.
+        """
         job_id, need = self.claim.job.id, stage.demand
+        pool, shape = self.wiring.pool, shape_of(stage)
         last_cancel_check, answer = 0.0, ""
         while True:
             if self.lease.lost.is_set():
@@ -127,13 +131,17 @@ class StageGraph:
                 if cancel_requested(self.wiring.store, job_id):
                     raise Stopped(StopReason.CANCELLED)
                 last_cancel_check = time.monotonic()
+            offered = pool.offer(shape)
             try:
-                answer = self.wiring.store.scheduler.reserve(self.claim, stage.name, need, total)
+                answer = self.wiring.store.scheduler.reserve(self.claim, stage.name, need, total,
+                                                             adopt=offered)  # fmt: skip
             except redis.RedisError as exc:
+                answer = ""
                 log.warning("job %s stage %s: could not ask for resources: %s", job_id,
                             stage.name, exc)  # fmt: skip
             if answer == "granted":
-                return
+                return offered
+            pool.withdraw(offered)
             if answer == "lost":  # frozen past the lease: the stage is someone else's now
                 raise LeaseLost(job_id, self.claim.token)
             time.sleep(_WAIT_POLL_S)
@@ -152,26 +160,35 @@ class StageGraph:
         return self.stopping.is_set() or self.job_stopping.is_set()
 
     def _run_stage(self, stage: StagePlan, inputs: dict[str, str], total: dict[str, float]) -> str:
-        """Wait for resources, train, evaluate; the resources are held until the stage is marked."""
+        """Wait for resources, train; the resources are held until the stage is marked."""
+        on = _GroupSlot()
         try:
-            self._wait_for_resources(stage, total)
+            adopted = self._wait_for_resources(stage, total)
             self._mark(stage.name, StageState.RUNNING)
-            outcome = self._train(stage, inputs)
-            self._mark(stage.name, StageState.SUCCEEDED, **outcome)
-            return str(outcome["checkpoint"])
+            outcome = self._train(stage, inputs, adopted, on)
+            self._mark(stage.name, StageState.SUCCEEDED, checkpoint=outcome.checkpoint,
+                       result=outcome.result)  # fmt: skip
+            assert outcome.checkpoint is not None
+            return outcome.checkpoint
         finally:
             try:
-                self.wiring.store.scheduler.release(self.claim, stage.name)
+                self.wiring.pool.settle(self.claim, stage.name, on.group)
             except redis.RedisError:  # the lease check frees it once the job's lease is over
                 log.exception("job %s stage %s: could not release", self.claim.job.id, stage.name)
 
-    def _run_with_stall_retries(self, stage: StagePlan, run: StageRun) -> dict[str, Any]:
-        """A stalled run is killed and started again (it resumes from its latest checkpoint),
-        at most `max_failures` times; Ray's FailureConfig covers the runs that fail outright."""
+    def _run_with_stall_retries(
+        self, stage: StagePlan, run: StageRun, adopted: str | None, on: "_GroupSlot"
+    ) -> StageOutcome:
+        """A stalled run's group is killed and the stage started again on another (it resumes
+        from its latest checkpoint), at most `max_failures` times; the group's own restarts
+        cover the runs that crash (group_loop.py)."""
         retries = stage.resources.max_failures
+        pool = self.wiring.pool
         for attempt in range(retries + 1):
+            on.group = pool.take(shape_of(stage), adopted if attempt == 0 else None)
             try:
-                return run_stage(self.wiring.store, run, self.lease, self._should_stop)
+                return run_stage(self.wiring.store, pool, on.group, run, self.lease,
+                                 self._should_stop)  # fmt: skip
             except Stalled as stalled:
                 if attempt == retries:
                     raise
@@ -188,32 +205,31 @@ class StageGraph:
         store, job_id, token = self.wiring.store, self.claim.job.id, self.claim.token
         self.lease.retry(lambda: store.update(job_id, token, change), "add a warning")
 
-    def _train(self, stage: StagePlan, inputs: dict[str, str]) -> dict[str, Any]:
+    def _train(
+        self, stage: StagePlan, inputs: dict[str, str], adopted: str | None, on: "_GroupSlot"
+    ) -> StageOutcome:
         job, wiring = self.claim.job, self.wiring
         free = wiring.storage.free_bytes()
         if free < wiring.min_free_disk_bytes:  # fail now, clearly, not on a half-written checkpoint
             raise StageFailed(stage.name, f"not started: the storage has {free:,} bytes free, "
                               f"below AETRAIN_MIN_FREE_DISK_BYTES ({wiring.min_free_disk_bytes:,})")
-        config: dict[str, Any] = {
-            "spec": job.spec.model_dump(mode="json"),
-            "job_id": job.id,
-            "stage": stage.name,
-            "inputs": inputs,
-            "token": self.claim.token,
-            "redis_url": wiring.redis_url,
-            "key_prefix": wiring.store.prefix,
-            "ray_address": wiring.ray_address,
-            "runs_root": str(wiring.storage.runs_root),
-            "datasets_root": str(wiring.storage.datasets_root),
-            "run_name": wiring.storage.run_name(job.id, stage.name),
-            "metrics_cap": metrics_cap(job),
-        }
         logs = wiring.storage.root / "jobs" / job.id / "logs"
-        run = StageRun(self.claim, stage.name, config,
-                       logs / f"{stage.name}-attempt-{self.claim.token}.log",
-                       stage.resources.progress_timeout_s)  # fmt: skip
+        task = {
+            "job_id": job.id,
+            "token": self.claim.token,
+            "stage": stage.name,
+            "spec": job.spec.model_dump(mode="json"),
+            "inputs": inputs,
+            "run_folder": str(wiring.storage.runs_root / wiring.storage.run_name(job.id,
+                                                                                 stage.name)),
+            "datasets_root": str(wiring.storage.datasets_root),
+            "log_path": str(logs / f"{stage.name}-attempt-{self.claim.token}.log"),
+            "metrics_cap": metrics_cap(job),
+            "max_failures": stage.resources.max_failures,
+        }
+        run = StageRun(self.claim, stage.name, task, stage.resources.progress_timeout_s)
         try:
-            outcome = self._run_with_stall_retries(stage, run)
+            outcome = self._run_with_stall_retries(stage, run, adopted, on)
         except Stopped as stopped:
             if stopped.reason is StopReason.SHUTDOWN and self.job_stopping.is_set():
                 raise StageFailed(stage.name, "stopped: another stage of the job failed") from None
@@ -227,25 +243,22 @@ class StageGraph:
             if isinstance(exc, StageFailed):
                 raise
             raise StageFailed(stage.name, str(exc)) from exc
-        self.seconds[stage.name] = outcome["seconds"]
-        started = time.monotonic()
-        datasets = wiring.storage.datasets_root
-        result = stage_result(job, stage, outcome["checkpoint"], inputs, datasets)
-        log.info("job %s stage %s: start %.1f s, fit %.1f s, evaluation %.1f s", job.id,
-                 stage.name, outcome["seconds"]["start"], outcome["seconds"]["fit"],
-                 time.monotonic() - started)  # fmt: skip
-        return {"checkpoint": outcome["checkpoint"], "result": result}
+        self.seconds[stage.name] = {"start": outcome.start_seconds, "fit": outcome.fit_seconds}
+        log.info("job %s stage %s: start %.2f s, fit %.2f s", job.id, stage.name,
+                 outcome.start_seconds, outcome.fit_seconds)  # fmt: skip
+        return outcome
 
 
-def stage_result(
-    job: JobRecord, stage: StagePlan, checkpoint: str, inputs: dict[str, str], datasets: Path
-) -> Metrics:
-    """The final metrics of a finished stage, from its checkpoint (a NaN or inf as None)."""
-    task = build_task(job.spec, stage, inputs, datasets)
-    task.model.load_state_dict(load_state(Path(checkpoint))["model"])
-    task.model.eval()
-    with torch.enable_grad():
-        return json_safe(task.final(task.model))
+class _GroupSlot:
+    """The group a stage runs on now (a stalled one is replaced), for the stage's settlement."""
+
+    group: WarmGroup | None = None
+
+
+def shape_of(stage: StagePlan) -> GroupShape:
+    r = stage.resources
+    return GroupShape(workers=r.workers, cpus_per_worker=r.cpus_per_worker,
+                      gpus_per_worker=r.gpus_per_worker)  # fmt: skip
 
 
 def _show(resources: dict[str, float]) -> str:

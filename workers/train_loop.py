@@ -1,18 +1,24 @@
-"""The per-rank training loop that Ray Train launches: plain DDP PyTorch, Ray's lines marked.
+"""One stage's training on one rank of a warm group: plain DDP PyTorch, Ray's lines marked.
 
 The same loop trains every kind of stage; what differs (model, data, loss, evaluation) is
-the stage's Task (tasks.py).
+the stage's Task (tasks.py). The group (group_loop.py) calls `train_stage` once per task, so
+everything a stage uses is built here, from its task alone, and dropped when it returns:
+one job never sees another's data, model, optimizer or random state.
+
+Checkpoints are written by rank 0 straight into the stage's run folder (manifest last, then
+renamed into place whole), each one only while the job's lease is still this run's token.
 """
 
 import math
+import random
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import ray.train
+import numpy as np
 import ray.train.torch
 import redis
 import torch
@@ -20,18 +26,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from shared.errors import LeaseLost
+from shared.group_channel import GroupChannel, StageOutcome, StageTask
 from shared.metrics import json_safe
 from shared.specs import parse_job_spec
-from shared.store import JobStore, connect
-from workers.checkpoints import (
-    latest_valid_checkpoint,
-    restore,
-    save_checkpoint,
-    unwrap,
-    verify,
-)
-from workers.tasks import build_task, find_stage, init_seed
+from shared.store import JobStore
+from workers.checkpoints import latest_valid_checkpoint, prune_run, restore, save_checkpoint, unwrap
+from workers.tasks import build_task, checkpoints_to_keep, find_stage, init_seed, lr_field
+
+STOP_CHECK_S = 0.25  # a stop request or a lost lease ends the stage within this (+ a batch)
+
+Say = Callable[[str], None]
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> Any:
@@ -43,35 +47,83 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) 
     return optimizer(params, lr=lr, weight_decay=weight_decay)
 
 
-def publish(store: JobStore, config: dict[str, Any], epoch: int,
-            metrics: dict[str, float]) -> bool:  # fmt: skip
-    """Send one epoch's metrics (a NaN or inf as null); False only when the lease is lost."""
-    try:
-        return store.record_progress(
-            config["job_id"], config["token"], config["stage"], epoch, json_safe(metrics),
-            cap=config["metrics_cap"],
-        )  # fmt: skip
-    except redis.RedisError:  # Redis down for a moment: this epoch's line is lost, not the run
-        return True
+class StopWatch:
+    """Whether the stage must end now: its dispatcher asked, or the job's lease is gone.
 
-
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Train the stage; returns None, or {"diverged_at": epoch} when its loss stopped being finite.
-
-    Ray Train hands rank 0's return value to the driver (Result.return_value).
+    Rank 0 reads Redis from a thread; every rank asks `should_stop()` at the same points of
+    the loop, which all-reduces the answer, so the ranks leave together and none waits in a
+    collective for one that left.
     """
-    spec = parse_job_spec(config["spec"])
-    ctx = ray.train.get_context()  # [ray]
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    def __init__(
+        self, channel: GroupChannel | None, store: JobStore | None, task: StageTask,
+        world_size: int, device: torch.device,
+    ) -> None:  # fmt: skip
+        self.task, self.world_size, self.device = task, world_size, device
+        self.reason: str | None = None  # "stopped" or "lease_lost", on rank 0
+        self._done = threading.Event()
+        if channel is not None and store is not None:
+            self._thread = threading.Thread(target=self._watch, args=(channel, store),
+                                            name="stop-watch", daemon=True)  # fmt: skip
+            self._thread.start()
+
+    def _watch(self, channel: GroupChannel, store: JobStore) -> None:
+        while not self._done.wait(STOP_CHECK_S):
+            try:  # Redis down for a moment is no reason to stop; the dispatcher judges that
+                if channel.stop_requested(self.task.seq):
+                    self.reason = "stopped"
+                elif not store.holds_lease(self.task.job_id, self.task.token):
+                    self.reason = "lease_lost"
+            except redis.RedisError:
+                continue
+            if self.reason:
+                return
+
+    def lease_lost(self) -> None:
+        self.reason = "lease_lost"
+
+    def should_stop(self) -> bool:
+        flag = 1.0 if self.reason else 0.0
+        if self.world_size == 1:
+            return bool(flag)
+        vote = torch.tensor([flag], device=self.device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        return bool(vote.item() > 0)
+
+    def close(self) -> None:
+        self._done.set()
+
+
+def seed_everything(seed: int) -> None:
+    """Every random stream a stage may draw from, so no stage inherits another's state."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_stage(
+    task: StageTask,
+    rank: int,
+    world_size: int,
+    store: JobStore | None,
+    channel: GroupChannel | None,
+    say: Say,
+) -> StageOutcome:
+    """Train the task's stage to its end, or until it must stop; rank 0's outcome is the one.
+
+    `store` and `channel` are rank 0's (None elsewhere): the metrics, the lease and the stop
+    requests go through them.
+    """
+    spec = parse_job_spec(task.spec)
+    stage = find_stage(spec, task.stage)
     device = ray.train.torch.get_device()  # [ray]
 
-    torch.manual_seed(init_seed(spec))  # the same initial weights on every rank
-    stage = find_stage(spec, config["stage"])
-    task = build_task(spec, stage, config["inputs"], Path(config["datasets_root"]))
-    training = task.training
-    torch.manual_seed(training.seed + rank)  # per-rank stream for noise and projections
+    seed_everything(init_seed(spec))  # the same initial weights on every rank
+    built = build_task(spec, stage, task.inputs, Path(task.datasets_root))
+    training = built.training
+    seed_everything(training.seed + rank)  # per-rank stream for noise and projections
 
-    train_set = TensorDataset(*(torch.from_numpy(a) for a in task.arrays))
+    train_set = TensorDataset(*(torch.from_numpy(a) for a in built.arrays))
     # batch_size is global: each of the world_size ranks takes its share of every step.
     sampler = DistributedSampler(
         train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=training.seed
@@ -79,94 +131,133 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     per_rank_batch = max(1, training.batch_size // world_size)
     train_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler)
 
-    model = ray.train.torch.prepare_model(task.model)  # [ray] to device, DDP when world > 1
+    model = ray.train.torch.prepare_model(built.model)  # [ray] to device, DDP when world > 1
     optimizer = make_optimizer(model, training.optimizer, training.lr, training.weight_decay)
-
-    say = partial(print, flush=True) if rank == 0 else None  # one rank's account is enough
-    start_epoch = resume(config, model, optimizer, say)
-
-    store = JobStore(connect(config["redis_url"]), config["key_prefix"]) if rank == 0 else None
-    spec_json = spec.model_dump_json()
-    for epoch in range(start_epoch, training.epochs):
-        started = time.perf_counter()
-        sampler.set_epoch(epoch)  # else every epoch repeats one order
-        model.train()
-        loss_sum, batches = torch.zeros(2, device=device), 0
-        for batch in train_loader:
-            loss = task.loss(model, [t.to(device) for t in batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum[0] += loss.detach()
-            batches += 1
-        loss_sum[1] = batches
-        if world_size > 1:
-            dist.all_reduce(loss_sum)
-        train_loss = float(loss_sum[0] / loss_sum[1])
-        is_last = epoch == training.epochs - 1
-        is_checkpoint = is_last or (epoch + 1) % training.checkpoint_every == 0
-
-        if rank == 0 and store is not None:
-            seconds = time.perf_counter() - started
-            metrics = {
-                "train_loss": train_loss,
-                **task.evaluate(unwrap(model)),
-                "epoch_seconds": seconds,
-                "samples_per_s": len(train_set) / seconds,
-            }
-            if not publish(store, config, epoch, metrics):
-                raise LeaseLost(config["job_id"], config["token"])
-        if not math.isfinite(train_loss):
-            # A diverged run stays diverged: more epochs (or Ray's restarts from a checkpoint,
-            # which a raise here would cost, max_failures times) cannot bring it back. The
-            # loss is all-reduced, so every rank returns here, at the same epoch, and the
-            # diverged weights are never checkpointed.
-            if say:
-                say(f"diverged: train_loss {train_loss} at epoch {epoch}")
-            return {"diverged_at": epoch}
-        if is_checkpoint:
-            report_checkpoint(rank, model, optimizer, epoch, spec_json)
-    if start_epoch >= training.epochs > 0:
-        # Resumed from the final checkpoint: report it again, as Ray's snapshot may not hold
-        # it (a crash between the copy and the snapshot), and the stage's result is Ray's latest.
-        report_checkpoint(rank, model, optimizer, start_epoch - 1, spec_json)
-    return None
-
-
-def report_checkpoint(
-    rank: int, model: nn.Module, optimizer: Any, epoch: int, spec_json: str
-) -> None:
-    # ray.train.report is a barrier of all ranks and costs ~2 s on Ray's default health
-    # check interval, so it is called only with a checkpoint; metrics go to Redis.
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = None
-        if rank == 0:
-            save_checkpoint(tmp, model, optimizer, epoch, spec_json)  # manifest last
-            saved = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"epoch": epoch}, checkpoint=saved)  # [ray]
-
-
-def resume(
-    config: dict[str, Any], model: nn.Module, optimizer: Any, say: Callable[[str], None] | None
-) -> int:
-    """Load the newest whole checkpoint of this run, if any; returns the epoch to start from.
-
-    Every rank reads the same files and so picks the same checkpoint. Ray's own pick is
-    only a fallback (a run folder this worker cannot list) and is checked as well.
-    """
-    run_folder = Path(config["runs_root"]) / config["run_name"]
-    folder = latest_valid_checkpoint(run_folder, say)
-    if folder is not None:
-        return restore(folder, model, optimizer)
-    checkpoint = ray.train.get_checkpoint()  # [ray] set when resuming a run
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ray_folder:
-            if verify(ray_folder):
-                if say:
-                    say(f"resume: from Ray's checkpoint {checkpoint.path}")
-                return restore(ray_folder, model, optimizer)
-            if say:
-                say(f"resume: skipped Ray's checkpoint {checkpoint.path}: not whole")
-    if say:
+    run_folder = Path(task.run_folder)
+    folder = latest_valid_checkpoint(run_folder, say if rank == 0 else None)
+    start_epoch = restore(folder, model, optimizer) if folder is not None else 0
+    if folder is None and rank == 0:
         say("resume: no whole checkpoint, from epoch 0")
-    return 0
+    training_at = time.time()
+
+    watch = StopWatch(channel, store, task, world_size, device)
+    spec_json = spec.model_dump_json()
+    keep = checkpoints_to_keep(spec)
+    checkpoint = str(folder) if folder is not None else None
+
+    def ended(**fields: Any) -> StageOutcome:
+        return StageOutcome(seq=task.seq, start_seconds=training_at - task.submitted_at,
+                            fit_seconds=time.time() - task.submitted_at, **fields)  # fmt: skip
+
+    try:
+        for epoch in range(start_epoch, training.epochs):
+            epoch_started = time.perf_counter()
+            sampler.set_epoch(epoch)  # else every epoch repeats one order
+            model.train()
+            loss_sum, batches = torch.zeros(2, device=device), 0
+            for batch in train_loader:
+                if watch.should_stop():
+                    return ended(**{watch.reason or "stopped": True})
+                loss = built.loss(model, [t.to(device) for t in batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum[0] += loss.detach()
+                batches += 1
+            loss_sum[1] = batches
+            if world_size > 1:
+                dist.all_reduce(loss_sum)
+            train_loss = float(loss_sum[0] / loss_sum[1])
+
+            if rank == 0 and store is not None:
+                seconds = time.perf_counter() - epoch_started
+                metrics = {
+                    "train_loss": train_loss,
+                    **built.evaluate(unwrap(model)),
+                    "epoch_seconds": seconds,
+                    "samples_per_s": len(train_set) / seconds,
+                }
+                if not publish(store, task, epoch, metrics):
+                    watch.lease_lost()
+            if not math.isfinite(train_loss):
+                # A diverged run stays diverged: more epochs (or restarts from a checkpoint)
+                # cannot bring it back. The loss is all-reduced, so every rank ends here, at
+                # the same epoch, and the diverged weights are never checkpointed.
+                say(f"diverged: train_loss {train_loss} at epoch {epoch}")
+                error = (f"training diverged at epoch {epoch} of stage {task.stage}: the loss is "
+                         f"not finite (try a lower {lr_field(spec, stage)})")  # fmt: skip
+                return ended(error=error, diverged_at=epoch)
+            if watch.should_stop():
+                return ended(**{watch.reason or "stopped": True})
+            is_last = epoch == training.epochs - 1
+            if rank == 0 and (is_last or (epoch + 1) % training.checkpoint_every == 0):
+                saved = write_checkpoint(task, store, run_folder, model, optimizer, epoch,
+                                         spec_json, keep, say)  # fmt: skip
+                if saved is None:
+                    watch.lease_lost()
+                else:
+                    checkpoint = str(saved)
+        if watch.should_stop():  # the last checkpoint was refused: the lease is gone
+            return ended(**{watch.reason or "stopped": True})
+    finally:
+        watch.close()
+    if rank != 0:
+        return ended()
+    if checkpoint is None:  # zero epochs and nothing to resume from
+        raise RuntimeError("training ended without a checkpoint")
+    net = unwrap(model)
+    net.eval()
+    with torch.enable_grad():  # the contractive penalty takes gradients
+        result = json_safe(built.final(net))
+    return ended(checkpoint=checkpoint, result=result)
+
+
+def publish(store: JobStore, task: StageTask, epoch: int, metrics: dict[str, float]) -> bool:
+    """Send one epoch's metrics (a NaN or inf as null); False only when the lease is lost."""
+    try:
+        return store.record_progress(task.job_id, task.token, task.stage, epoch,
+                                     json_safe(metrics), cap=task.metrics_cap)  # fmt: skip
+    except redis.RedisError:  # Redis down for a moment: this epoch's line is lost, not the run
+        return True
+
+
+def write_checkpoint(
+    task: StageTask,
+    store: JobStore | None,
+    run_folder: Path,
+    model: nn.Module,
+    optimizer: Any,
+    epoch: int,
+    spec_json: str,
+    keep: int,
+    say: Say,
+) -> Path | None:
+    """Save the epoch's checkpoint into the run folder, whole or not at all; None if the lease
+    is no longer this run's (the run folder is the job's: a new owner may be writing it).
+
+    The window between the lease check and the rename (a few milliseconds) is left open: a
+    takeover needs the lease to have expired first, and the new owner's run starts seconds
+    later.
+    """
+    run_folder.mkdir(parents=True, exist_ok=True)
+    final = run_folder / f"checkpoint_{epoch:06d}"
+    with tempfile.TemporaryDirectory(dir=run_folder, prefix=".partial-") as tmp:
+        save_checkpoint(tmp, model, optimizer, epoch, spec_json)  # manifest last
+        if not lease_is(store, task):
+            say(f"checkpoint of epoch {epoch} not written: lease {task.token} is gone")
+            return None
+        if final.exists():  # a run resumed from before this epoch wrote it already
+            final = run_folder / f"checkpoint_{epoch:06d}-{task.token}-{time.time_ns()}"
+        Path(tmp).rename(final)
+        Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
+    prune_run(run_folder, [final], keep - 1, say)  # the `keep` newest, this one among them
+    return final
+
+
+def lease_is(store: JobStore | None, task: StageTask) -> bool:
+    if store is None:
+        return True
+    try:
+        return store.holds_lease(task.job_id, task.token)
+    except redis.RedisError:  # cannot tell: write it; the manifest vouches only for whole files
+        return True

@@ -679,3 +679,60 @@ def test_jobs_stored_before_the_state_indexes_are_indexed_once(store: JobStore) 
     assert store.index_states() == 1
     assert store.list_jobs("acme", JobState.SUCCEEDED)[0][0].id == job.id
     assert store.index_states() == 0  # once per database
+
+
+# -- holds of idle warm groups ----------------------------------------------------------------
+
+
+def test_a_stage_ending_on_a_warm_group_hands_its_grant_to_the_group_in_one_step(
+    store: JobStore,
+) -> None:
+    a, b = claimed_jobs(store, [0, 0])
+    scheduler = store.scheduler
+    assert scheduler.reserve(a, "train", {"CPU": 2}, CLUSTER) == "granted"
+    scheduler.park(a, "train", "g1", {"CPU": 2}, ttl_s=30)
+    assert scheduler.holds() == {"g1": {"CPU": 2}}
+    assert scheduler.reserved() == ({"CPU": 2.0}, 0)  # the group still holds the CPUs
+    assert a.job.id not in scheduler.asking_jobs()
+    # Another stage gets them only with the group, which the ask adopts...
+    assert scheduler.reserve(b, "train", {"CPU": 2}, CLUSTER) == "no room"
+    assert scheduler.reserve(b, "train", {"CPU": 2}, CLUSTER, adopt="g1") == "granted"
+    # ...and the hold became its grant: counted once.
+    assert scheduler.holds() == {}
+    assert scheduler.reserved() == ({"CPU": 2.0}, 0)
+
+
+def test_an_adopting_ask_keeps_its_place_in_line(store: JobStore) -> None:
+    a, first, second = claimed_jobs(store, [0, 0, 0])
+    scheduler = store.scheduler
+    assert scheduler.reserve(a, "train", {"CPU": 1}, CLUSTER) == "granted"
+    scheduler.park(a, "train", "g1", {"CPU": 1}, ttl_s=30)
+    assert scheduler.reserve(first, "train", {"CPU": 2}, CLUSTER) == "no room"
+    # The idle group would fit the younger ask, but the older one asked first.
+    assert scheduler.reserve(second, "train", {"CPU": 1}, CLUSTER, adopt="g1") == "behind"
+    assert scheduler.holds() == {"g1": {"CPU": 1}}  # not taken by an ask that was not granted
+    scheduler.drop_hold("g1")  # retired for the waiting stage
+    assert scheduler.reserve(first, "train", {"CPU": 2}, CLUSTER) == "granted"
+
+
+def test_a_hold_that_is_not_renewed_lapses_and_its_resources_are_free(store: JobStore) -> None:
+    (a,) = claimed_jobs(store, [0])
+    scheduler = store.scheduler
+    assert scheduler.hold("g1", {"CPU": 1}, CLUSTER, ttl_s=0.2)
+    assert scheduler.hold("g2", {"CPU": 1}, CLUSTER, ttl_s=30)
+    assert not scheduler.hold("g3", {"CPU": 1}, CLUSTER, ttl_s=30)  # the cluster is full
+    assert scheduler.renew_holds(["g2"], ttl_s=30) == set()
+    time.sleep(0.3)
+    assert scheduler.reserved() == ({"CPU": 1.0}, 0)  # g1 lapsed; g2 had a long ttl
+    assert scheduler.renew_holds(["g1", "g2"], ttl_s=30) == {"g1"}  # its pool must retire it
+    assert scheduler.reserve(a, "train", {"CPU": 1}, CLUSTER) == "granted"
+
+
+def test_no_group_is_started_warm_while_a_stage_waits(store: JobStore) -> None:
+    a, big = claimed_jobs(store, [0, 0])
+    scheduler = store.scheduler
+    assert scheduler.reserve(a, "train", {"CPU": 1}, CLUSTER) == "granted"
+    assert scheduler.reserve(big, "train", {"CPU": 2}, CLUSTER) == "no room"
+    assert not scheduler.hold("g1", {"CPU": 1}, CLUSTER, ttl_s=30)  # the big stage waits
+    scheduler.release(a, "train")
+    assert scheduler.reserve(big, "train", {"CPU": 2}, CLUSTER) == "granted"

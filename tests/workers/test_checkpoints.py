@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray.train
 import torch
 from fastapi.testclient import TestClient
 from torch import nn
@@ -32,7 +31,7 @@ from workers.checkpoints import (
 )
 from workers.dispatcher import Dispatcher
 from workers.tasks import build_task, find_stage
-from workers.train_loop import make_optimizer, resume
+from workers.train_loop import make_optimizer
 
 
 def model_and_optimizer(seed: int = 0) -> tuple[nn.Linear, torch.optim.Optimizer]:
@@ -229,22 +228,21 @@ def test_a_run_skips_partial_checkpoints_keeps_whole_ones_and_resumes_past_damag
     (log,) = (storage.root / "jobs" / job_id / "logs").glob("train-attempt-*.log")
     for skipped in (damaged, unfinished):
         assert f"resume: skipped {skipped.name}" in log.read_text()
-    # The cleanup after the run removed both; Ray's num_to_keep rotated out its own.
+    # The cleanup after each checkpoint removed both, and the oldest beyond num_to_keep + 1.
     folders = checkpoint_folders(run)
     assert 1 <= len(folders) <= 2 + 1 and all(verify(f) for f in folders)
     assert damaged not in folders and unfinished not in folders
     assert sorted(check(f) for f in folders) == [5, 7]
 
-    # Ray's pick on a restart is its snapshot's latest. Damaged, it is passed over for the
-    # newest whole one, and training would go on from the epoch after that one.
-    latest = ray.train.Result.from_path(str(run)).checkpoint
-    assert latest is not None and check(latest.path) == 7
-    truncate(Path(latest.path))
+    # Damaged after the run, the newest is passed over on a restart for the newest whole
+    # one, and training would go on from the epoch after that one.
+    (latest,) = (f for f in folders if check(f) == 7)
+    truncate(latest)
     model, optimizer = stage_model(spec)
     lines: list[str] = []
-    config = {"runs_root": str(storage.runs_root), "run_name": run.name}
-    assert resume(config, model, optimizer, lines.append) == 5 + 1
-    assert lines[0].startswith(f"resume: skipped {Path(latest.path).name}")
+    found = latest_valid_checkpoint(run, lines.append)
+    assert found is not None and restore(found, model, optimizer) == 5 + 1
+    assert lines[0].startswith(f"resume: skipped {latest.name}")
     (previous,) = (f for f in folders if verify(f))
     assert lines[1] == f"resume: from {previous.name} (epoch 5)"
     saved = load_state(previous)["model"]

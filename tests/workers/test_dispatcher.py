@@ -1,6 +1,9 @@
 """Jobs through HTTP, the Redis queue and a real local Ray: success, DDP, cancel, two runners."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -133,36 +136,87 @@ def test_spec_goes_through_http_to_a_loadable_encoder_on_one_and_two_ranks(
     assert val_mse[2] == pytest.approx(val_mse[1], rel=0.3), val_mse
 
 
-def test_cancel_of_a_running_job_stops_its_ray_workers(
-    client: TestClient,
-    running_dispatchers: Callable[[int], list[Dispatcher]],
-) -> None:
-    job_id = client.post("/v1/jobs", json=digits_spec(epochs=5000)).json()["id"]
-    running_dispatchers(1)
-
+def training_job(client: TestClient, job_id: str) -> dict[str, Any]:
     def training() -> dict[str, Any] | None:
         job = client.get(f"/v1/jobs/{job_id}").json()
         return job if job["state"] == "running" and (job["epoch"] or 0) >= 2 else None
 
-    live = wait_for(training, 120, "the job to train a few epochs")
+    job: dict[str, Any] = wait_for(training, 120, "the job to train a few epochs")
+    return job
+
+
+def wait_until_ended(client: TestClient, job_id: str, timeout_s: float) -> dict[str, Any]:
+    job: dict[str, Any] = wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"]
+        in {"succeeded", "failed", "cancelled"} and j,
+        timeout_s, f"job {job_id} to end",
+    )  # fmt: skip
+    return job
+
+
+def alive(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_cancelled_stage_ends_on_its_warm_group_which_then_trains_the_next_job(
+    client: TestClient,
+    store: JobStore,
+    running_dispatchers: Callable[[int], list[Dispatcher]],
+) -> None:
+    job_id = client.post("/v1/jobs", json=digits_spec(epochs=5000)).json()["id"]
+    (dispatcher,) = running_dispatchers(1)
+    live = training_job(client, job_id)
     assert live["metrics"]["val_mse"] > 0  # per-epoch metrics reach the record while it runs
-    assert train_worker_pids(), "a RayTrainWorker process should be running"
+    workers = train_worker_pids()
+    assert len(workers) == 1, "one RayTrainWorker process should be training"
     assert client.post(f"/v1/jobs/{job_id}/cancel").json()["cancel_requested"] is True
     cancelled_at = time.monotonic()
-
-    def cancelled() -> bool:
-        return bool(client.get(f"/v1/jobs/{job_id}").json()["state"] == "cancelled")
-
-    wait_for(cancelled, 10, "the job to become cancelled")
-    wait_for(lambda: not train_worker_pids(), 10, "Ray train workers to exit")
-    wait_for(
-        lambda: ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"],
-        10, "the job's CPUs to be free again",
-    )  # fmt: skip
-    assert time.monotonic() - cancelled_at < 10
-    job = client.get(f"/v1/jobs/{job_id}").json()
-    assert job["error"] == "cancelled by request"
+    job = wait_until_ended(client, job_id, 10)
+    assert time.monotonic() - cancelled_at < 5  # the stage stops at its next batch
+    assert job["state"] == "cancelled" and job["error"] == "cancelled by request"
     assert job["stages"][0]["state"] == "cancelled"
+
+    # The stage ended; its group did not: the same worker, idle, its CPU now the group's hold
+    # rather than the job's grant.
+    wait_for(lambda: dispatcher.pool.idle_count() == 1, 5, "the group to be idle")
+    assert train_worker_pids() == workers
+    assert job_id not in store.scheduler.asking_jobs()
+    assert list(store.scheduler.holds().values()) == [{"CPU": 1.0}]
+    assert store.scheduler.reserved() == ({"CPU": 1.0}, 0)
+
+    next_id = client.post("/v1/jobs", json=digits_spec(epochs=2)).json()["id"]
+    assert wait_until_ended(client, next_id, 60)["state"] == "succeeded"
+    assert train_worker_pids() == workers  # trained by the warm group: no new worker
+
+
+def test_a_group_that_does_not_stop_its_cancelled_stage_is_killed_and_replaced(
+    client: TestClient,
+    store: JobStore,
+    running_dispatchers: Callable[[int], list[Dispatcher]],
+) -> None:
+    job_id = client.post("/v1/jobs", json=digits_spec(epochs=5000)).json()["id"]
+    (dispatcher,) = running_dispatchers(1)
+    training_job(client, job_id)
+    (worker,) = train_worker_pids()
+    os.kill(worker, signal.SIGSTOP)  # a rank that cannot obey
+    try:
+        client.post(f"/v1/jobs/{job_id}/cancel")
+        cancelled_at = time.monotonic()
+        job = wait_until_ended(client, job_id, 30)
+        took = time.monotonic() - cancelled_at
+        assert job["state"] == "cancelled", job
+        assert 9 < took < 20, took  # asked, given 10 s, then its group was killed
+        wait_for(lambda: not alive(worker), 10, "the stopped worker to be killed with its group")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+    assert dispatcher.pool.idle_count() == 0 and store.scheduler.reserved() == ({}, 0)
+    next_id = client.post("/v1/jobs", json=digits_spec(epochs=2)).json()["id"]
+    assert wait_until_ended(client, next_id, 120)["state"] == "succeeded"
+    assert worker not in train_worker_pids()  # a new group trained it
 
 
 def test_two_dispatchers_run_each_of_four_jobs_exactly_once(

@@ -80,6 +80,25 @@ def test_a_killed_training_worker_is_restarted_from_the_latest_checkpoint(
     assert starts[1] > 0 and starts[1] % 20 == 0, starts  # the epoch after a checkpoint
 
 
+def test_a_job_whose_worker_dies_past_max_failures_fails_and_the_group_trains_the_next(
+    client: TestClient, store: JobStore, dispatcher: Dispatcher
+) -> None:
+    job_id = client.post("/v1/jobs", json=digits_spec(epochs=5000)).json()["id"]
+    training_past(client, job_id, 3)
+    (worker,) = train_worker_pids()
+    os.kill(worker, signal.SIGKILL)  # max_failures 0: no second start
+    job = finished(client, job_id)
+    assert job["state"] == "failed" and job["attempts"] == 1, job
+    assert "its worker died (failed 1 time(s); resources.max_failures is 0)" in job["error"], job
+    # Ray Train restarted the group's workers and the group went on: the next job trains on
+    # it, without a new group.
+    assert dispatcher.pool.idle_count() == 1
+    (group,) = dispatcher.pool.groups.values()
+    next_id = client.post("/v1/jobs", json=digits_spec(epochs=2)).json()["id"]
+    assert finished(client, next_id)["state"] == "succeeded"
+    assert list(dispatcher.pool.groups.values()) == [group] and group.stages == 2
+
+
 def test_a_hung_rank_is_caught_by_the_progress_deadline_and_the_stage_retried(
     client: TestClient, store: JobStore, dispatcher: Dispatcher
 ) -> None:
@@ -184,4 +203,4 @@ def test_a_poison_job_fails_after_max_failures_with_its_error_and_does_not_hold_
     assert poisoned["state"] == "failed" and poisoned["attempts"] == 1
     assert "stage train" in poisoned["error"] and "damaged" in poisoned["error"], poisoned
     log = (storage.root / "jobs" / poison_id / "logs" / "train-attempt-1.log").read_text()
-    assert log.count("Attempting to start training worker group") == 3  # 1 + max_failures
+    assert [f"start {n} of at most 3" in log for n in (1, 2, 3)] == [True] * 3, log

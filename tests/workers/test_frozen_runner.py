@@ -1,9 +1,10 @@
 """A dispatcher frozen past its lease (SIGSTOP) while its job trains, then woken (SIGCONT).
 
-The other dispatcher takes the job over; the frozen one's stage process is not frozen with
-it (SIGSTOP stops one process), sees the lease gone and ends its Ray run; the woken
-dispatcher writes nothing: not the new owner's grant, not its checkpoints, not artifacts,
-not the record. Real Redis, real local Ray, two `python -m workers` processes.
+The other dispatcher takes the job over; the frozen one's warm group is not frozen with it
+(SIGSTOP stops one process), sees the lease gone and ends the stage, then ends itself once
+the frozen dispatcher's heartbeat lapses; the woken dispatcher writes nothing: not the new
+owner's grant, not its checkpoints, not artifacts, not the record. Real Redis, real local
+Ray, two `python -m workers` processes.
 """
 
 import json
@@ -47,7 +48,7 @@ def children(pid: int, name: str) -> list[int]:
 
 
 class Peak(threading.Thread):
-    """The most Ray Train workers seen alive at once, sampled until stopped."""
+    """The most Ray Train workers seen alive at once (stopped ones too), sampled until stopped."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -108,7 +109,7 @@ def test_a_dispatcher_frozen_past_its_lease_and_woken_leaves_the_new_owner_alone
         return int(store.redis.get(store.keys.lease(job_id)) or 0)
 
     wait_for(lambda: epoch() >= FREEZE_AT, 90, f"epoch {FREEZE_AT}")
-    (first,) = [p for p in two_dispatchers if children(p.pid, "workers.stage_process")]
+    (first,) = [p for p in two_dispatchers if children(p.pid, "workers.warm_group")]
     old_token = lease_token()
     first.send_signal(signal.SIGSTOP)
     frozen_at, frozen_epoch = time.monotonic(), epoch()
@@ -116,10 +117,12 @@ def test_a_dispatcher_frozen_past_its_lease_and_woken_leaves_the_new_owner_alone
 
     wait_for(lambda: store.get(job_id).takeovers == 1, 30, "the takeover")
     print(f"{seconds()}: taken over {time.monotonic() - frozen_at:.1f} s after the freeze")
-    # Its stage process saw the lease go and ended (a zombie: its parent is stopped).
-    wait_for(lambda: not children(first.pid, "workers.stage_process"), 10, "the stale run's end")
+    # Its group saw the lease go and ended the stage at once; then the group saw its frozen
+    # dispatcher's heartbeat lapse and ended itself (a zombie: its parent is stopped), giving
+    # its CPU back to Ray for the new owner.
+    wait_for(lambda: not children(first.pid, "workers.warm_group"), 20, "the stale group's end")
     stale_epochs = [e for _, e in store.metrics_after(job_id) if e["token"] == old_token]
-    print(f"{seconds()}: stale run ended; its last epoch {stale_epochs[-1]['epoch']}")
+    print(f"{seconds()}: stale group ended; its last epoch {stale_epochs[-1]['epoch']}")
 
     new_token = lease_token()
     assert new_token > old_token
@@ -163,7 +166,9 @@ def test_a_dispatcher_frozen_past_its_lease_and_woken_leaves_the_new_owner_alone
     assert set(tokens[:switch]) == {old_token} and set(tokens[switch:]) == {new_token}, tokens
     history = store.metrics_history(job_id)
     assert [m["epoch"] for m in history] == list(range(EPOCHS))
-    assert peak.most == 1, peak.most  # never two Ray Train workers of the job alive
+    # The frozen dispatcher's idle group and the new owner's may overlap for a few seconds
+    # (until the heartbeat lapses), never more: a third worker would be a run too many.
+    assert peak.most <= 2, peak.most
 
     # The artifacts are the new owner's only; the frozen one wrote none on waking.
     assert done.result["folder"] == f"jobs/{job_id}/attempt-{new_token}"

@@ -16,15 +16,16 @@ from torch import nn
 
 from shared.claims import Claim
 from shared.errors import LeaseLost
+from shared.group_channel import StageTask
 from shared.jobs import JobRecord, JobState
 from shared.specs import parse_job_spec
 from shared.storage import Storage
 from shared.store import JobStore
 from tests.specs import digits_spec
-from workers.checkpoints import checkpoint_folders, save_checkpoint
+from workers.checkpoints import check, checkpoint_folders, save_checkpoint
 from workers.dispatcher import Dispatcher
 from workers.lease import LeaseKeeper
-from workers.stage_process import prune_if_ours
+from workers.train_loop import write_checkpoint
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -151,7 +152,7 @@ def checkpoints_in(run: Path, epochs: range) -> list[Path]:
     return folders
 
 
-def test_a_runner_whose_lease_is_gone_prunes_no_checkpoint(
+def test_a_runner_whose_lease_is_gone_writes_and_prunes_no_checkpoint(
     store: JobStore, tmp_path: Path
 ) -> None:
     stale = claimed(store)
@@ -161,8 +162,21 @@ def test_a_runner_whose_lease_is_gone_prunes_no_checkpoint(
     assert owner is not None and owner.token > stale.token
     run = tmp_path / "run"
     folders = checkpoints_in(run, range(6))
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    assert not prune_if_ours(store, job_id, stale.token, run, [str(folders[0])], 1)
+    def task(token: int) -> StageTask:
+        return StageTask(seq=1, job_id=job_id, token=token, stage="train", spec={}, inputs={},
+                         run_folder=str(run), datasets_root="", log_path="", metrics_cap=10,
+                         max_failures=0, submitted_at=0.0)  # fmt: skip
+
+    lines: list[str] = []
+    assert write_checkpoint(task(stale.token), store, run, model, optimizer, 6, "{}", 1,
+                            lines.append) is None  # fmt: skip
     assert checkpoint_folders(run) == folders  # the new owner's resume point is intact
-    assert prune_if_ours(store, job_id, owner.token, run, [str(folders[-1])], 1)
-    assert checkpoint_folders(run) == folders[-2:]
+    assert any("not written" in line for line in lines), lines
+    saved = write_checkpoint(task(owner.token), store, run, model, optimizer, 6, "{}", 1,
+                             lines.append)  # fmt: skip
+    assert saved is not None and check(saved) == 6
+    assert checkpoint_folders(run) == [saved]  # checkpoints_to_keep 1: the others went
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # no partial left

@@ -1,0 +1,121 @@
+"""A warm worker group, in a process of its own: `python -m workers.warm_group CONFIG`.
+
+The process is the Ray driver of one long-lived TorchTrainer run whose ranks train stage
+after stage (group_loop.py). Ray Train keeps the group: it starts the workers, sets up the
+process group, and restarts them all when one dies (FailureConfig); the loop then resumes
+the stage in flight from its checkpoint.
+
+A Ray job fate-shares with its driver: when this process dies (the dispatcher retires the
+group, kills one that did not stop in time, or dies itself, see processes.py), Ray removes
+its controller, its workers and their placement group within a second. The process also ends
+itself once its dispatcher's heartbeat lapses (a dispatcher frozen by SIGSTOP or a VM pause),
+so that a frozen dispatcher's group does not keep its CPUs from the runner that took over.
+"""
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import redis
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import (
+    PlacementGroupCleanerCallback,
+)
+
+from shared.group_channel import GroupChannel, GroupConfig
+from shared.redis_keys import Keys
+from shared.store import connect
+from workers.group_loop import group_loop_per_worker
+from workers.processes import die_with_parent_from_env
+
+RAY_ENV = {
+    # Ray Train V2 polls its workers every 2 s by default: a dead rank was seen late.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    # A group waits in Ray's queue (its placement group is all or nothing) while other
+    # groups let go of the CPUs the scheduler granted it; the default 60 s would fail it.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "86400",
+}
+
+HEARTBEAT_CHECK_S = 1.0
+ORPHANED_EXIT = 4
+
+
+class StageTrainer(TorchTrainer):
+    """TorchTrainer without Ray's PlacementGroupCleaner.
+
+    The cleaner is a detached actor that removes a run's placement group if its controller
+    dies; here the whole Ray job dies with this process and takes its placement groups with
+    it. Without a dashboard the cleaner cannot reach the state API, and stopping it waited
+    ~12 s at the end of every run.
+    """
+
+    def _create_default_callbacks(self) -> list[Any]:
+        return [
+            callback
+            for callback in super()._create_default_callbacks()
+            if not isinstance(callback, PlacementGroupCleanerCallback)
+        ]
+
+
+def end_when_orphaned(config: GroupConfig) -> None:
+    """os._exit once the dispatcher's heartbeat has lapsed; a Redis that does not answer is
+    no news (the lease of the job in flight fences its writes meanwhile)."""
+    channel = GroupChannel(connect(config.redis_url), Keys(config.key_prefix), config.group_id)
+
+    def watch() -> None:
+        while True:
+            time.sleep(HEARTBEAT_CHECK_S)
+            try:
+                if channel.dispatcher_alive():
+                    continue
+            except redis.RedisError:
+                continue
+            print(f"group {config.group_id}: the dispatcher's heartbeat lapsed; ending",
+                  flush=True)  # fmt: skip
+            os._exit(ORPHANED_EXIT)
+
+    threading.Thread(target=watch, name="heartbeat-watch", daemon=True).start()
+
+
+def run(config: GroupConfig) -> None:
+    shape = config.shape
+    ray.init(address=config.ray_address, runtime_env={"env_vars": RAY_ENV})
+    trainer = StageTrainer(
+        group_loop_per_worker,
+        train_loop_config=config.model_dump(mode="json"),
+        # A rank that hangs (SIGSTOP, a dead NIC) is caught by the dispatcher's progress
+        # deadline, which kills the group; the collective timeout is the backstop.
+        torch_config=TorchConfig(timeout_s=config.collective_timeout_s),
+        scaling_config=ScalingConfig(
+            num_workers=shape.workers,
+            use_gpu=shape.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": shape.cpus_per_worker,
+                **({"GPU": shape.gpus_per_worker} if shape.gpus_per_worker else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=config.group_id,
+            storage_path=config.ray_storage,
+            # Unlimited here: each task counts its own restarts (group_loop.decide), so a
+            # poison job fails after its max_failures and the group goes on.
+            failure_config=FailureConfig(max_failures=-1),
+        ),
+    )
+    trainer.fit()
+
+
+def main() -> None:
+    die_with_parent_from_env()
+    config = GroupConfig.model_validate_json(Path(sys.argv[1]).read_text())
+    end_when_orphaned(config)
+    run(config)
+
+
+if __name__ == "__main__":
+    main()
