@@ -1,89 +1,381 @@
-"""What a job costs beyond its training: the example spec as a bare loop and through aetrain.
+"""What a job costs beyond its training, on a warm stack, next to a bare script and a bare
+Ray Train fit() of the same training (issue 10's targets).
 
-    .venv/bin/python bench/overhead.py [--epochs 30] [--repeats 2]
+    .venv/bin/python bench/overhead.py [--runs 5] [--only 1 2 stacked]
 
-Starts the service on this machine (bench/harness.py) and prints one line per setting with
-wall time, the time spent in epochs, validation MSE and the ratio to the bare loop.
+Starts one `aetrain up` (bench/stack.py; one one-worker group kept warm), runs a throwaway
+job so that the group is ready, then, for the digits example on 1 worker and then on 2
+workers (examples/digits-dense*.yaml), alternates `--runs` times:
+
+  A  the job through the service: POST, then GET every 20 ms until `succeeded`. Submit ->
+     first epoch is the first entry of the job's metrics stream (its id is Redis's clock in
+     ms, taken as epoch 0 ends) minus the time the POST was sent; last epoch -> succeeded is
+     the time the client saw `succeeded` minus the last entry's.
+  B  the same training in a bare PyTorch script: fresh `python` processes (imports
+     included; 2 workers: two processes and gloo DDP, as torchrun would start them), the
+     same model, data split, seeds, loss, optimizer, batch size and epochs, validation every
+     epoch as the service does, no checkpoints; wall time from outside.
+  C  the same loop as a plain Ray Train TorchTrainer.fit() in a fresh `python`: on the
+     stack's Ray cluster for 1 worker (its warm group holds one of the 2 CPUs, one is free);
+     on its own `ray.init()` local cluster for 2 workers (the stack's 2-worker group holds
+     both CPUs between the jobs).
+
+Then the stacked example (examples/stacked-digits.yaml) through the service `--runs` times,
+against the sum of its stages' training time. Medians are printed; nothing is asserted.
+Each bare process runs torch on one thread, as Ray runs a one-CPU worker.
+
+`python bench/overhead.py bare SPECS RANK WORLD` and `... ray-fit SPEC ADDRESS` are the B and
+C processes (sweep.py runs `bare` too); their imports stay inside them, so that a bare
+process imports only what a bare script would.
 """
 
 import argparse
+import json
 import os
+import random
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
-import ray
-import torch
-from harness import local_service
-from torch.utils.data import DataLoader, TensorDataset
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
 
-from shared.specs import parse_job_spec
-from tests.specs import digits_spec
-from workers.data import build_datasets
-from workers.losses import reconstruction_loss
-from workers.models import build_model
+TARGETS = {"ratio_1": 1.5, "ratio_2": 2.0, "first_epoch_s": 1.5, "stacked_factor": 1.3}
+Report = Callable[[dict[str, float]], None]
 
 
-def bare_loop(epochs: int) -> tuple[float, float]:
-    """The same model, data and optimizer in a plain loop: (seconds, val_mse).
+# -- the training, as workers/train_loop.py does it without the service ---------------------------
+def train_epochs(spec_doc: dict[str, Any], rank: int, world_size: int,
+                 wrap: Callable[[Any], Any], report: Report) -> dict[str, float]:  # fmt: skip
+    """Train an autoencoder spec's one stage on this rank; its validation metrics (rank 0)
+    and the seconds spent in epochs. Seeds, data split, sharding, batch size, loss and
+    optimizer are train_loop.train_stage's; `wrap` is DDP or Ray's prepare_model."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-    With torch's threads as set by the caller: one per Ray worker CPU in a job.
-    """
-    spec = parse_job_spec(digits_spec(epochs=epochs))
-    split = build_datasets(spec.data)
-    torch.manual_seed(0)
-    model = build_model(spec.model, spec.data.input_shape, "mse")
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.training.lr)
-    loader = DataLoader(TensorDataset(torch.from_numpy(split.x_train)), batch_size=128,
-                        shuffle=True)  # fmt: skip
-    started = time.perf_counter()
-    for _ in range(epochs):
-        for (xb,) in loader:
-            loss = reconstruction_loss(model(xb)[0], xb, "mse")
+    from shared.specs import parse_job_spec
+    from workers.checkpoints import unwrap
+    from workers.tasks import build_task, find_stage, init_seed
+
+    def seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    spec = parse_job_spec(spec_doc)
+    seed_everything(init_seed(spec))  # the same initial weights on every rank
+    task = build_task(spec, find_stage(spec, "train"), {}, None)
+    training = task.training
+    seed_everything(training.seed + rank)
+    train_set = TensorDataset(*(torch.from_numpy(a) for a in task.arrays))
+    sampler: Any = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=training.seed)  # fmt: skip
+    loader = DataLoader(train_set, batch_size=max(1, training.batch_size // world_size),
+                        sampler=sampler)  # fmt: skip
+    model = wrap(task.model)
+    # train_loop.make_optimizer's choice, copied: importing it would import Ray.
+    params = [p for p in model.parameters() if p.requires_grad]
+    if training.optimizer == "sgd":
+        optimizer: Any = torch.optim.SGD(params, lr=training.lr, momentum=0.9,
+                                         weight_decay=training.weight_decay)  # fmt: skip
+    else:
+        make = torch.optim.AdamW if training.optimizer == "adamw" else torch.optim.Adam
+        optimizer = make(params, lr=training.lr, weight_decay=training.weight_decay)
+    in_epochs, metrics = 0.0, {}
+    for epoch in range(training.epochs):
+        started = time.perf_counter()
+        sampler.set_epoch(epoch)
+        model.train()
+        for batch in loader:
+            loss: Any = task.loss(model, list(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        seconds = time.perf_counter() - started  # as epoch_seconds: before the validation
+        in_epochs += seconds
+        metrics = {"train_loss": float(loss), "epoch_seconds": seconds, "in_epochs": in_epochs}
+        if rank == 0:
+            metrics.update(task.evaluate(unwrap(model)))
+        report(metrics)
+    return metrics
+
+
+def bare_main(specs: list[dict[str, Any]], rank: int, world_size: int) -> None:
+    """B: train each spec in turn; rank 0 prints {"in_epochs": [...], "val_mse": [...]}."""
+    import torch
+
+    wrap: Callable[[Any], Any] = lambda model: model  # noqa: E731
+    if world_size > 1:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)  # MASTER_* from env
+        wrap = DistributedDataParallel
+    done = [train_epochs(spec, rank, world_size, wrap, lambda _: None) for spec in specs]
+    if rank == 0:
+        print(json.dumps({"in_epochs": [m["in_epochs"] for m in done],
+                          "val_mse": [m["val_mse"] for m in done],
+                          "threads": torch.get_num_threads()}))  # fmt: skip
+
+
+def ray_fit_main(spec: dict[str, Any], address: str) -> None:
+    """C: one plain TorchTrainer.fit() of the same loop; prints {"in_epochs", "val_mse"}."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    workers = spec["resources"]["workers"]
+    if address == "local":
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+    def loop(config: dict[str, Any]) -> None:
+        ctx = ray.train.get_context()
+        rank = ctx.get_world_rank()
+        last = train_epochs(config["spec"], rank, ctx.get_world_size(),
+                            ray.train.torch.prepare_model, ray.train.report)  # fmt: skip
+        if rank == 0:  # V2's Result.metrics are those of its last checkpoint, and none is saved
+            Path(config["out"]).write_text(json.dumps(last))
+
+    with tempfile.TemporaryDirectory(prefix="bare-fit-") as storage:
+        out = Path(storage) / "last.json"
+        TorchTrainer(
+            loop, train_loop_config={"spec": spec, "out": str(out)},
+            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name="bare-fit", storage_path=storage),
+        ).fit()  # fmt: skip
+        last = json.loads(out.read_text())
+    print(json.dumps({"in_epochs": [last["in_epochs"]], "val_mse": [last["val_mse"]]}))
+
+
+# -- the bare runs, timed from outside ------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_bare(specs: list[dict[str, Any]], workers: int = 1, threads: int = 1
+             ) -> tuple[float, dict[str, Any]]:  # fmt: skip
+    """B: wall seconds of fresh bare processes (one per worker) training `specs` in turn, and
+    what rank 0 printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}  # fmt: skip
+    args = [sys.executable, str(BENCH / "overhead.py"), "bare", json.dumps(specs)]
+    started = time.perf_counter()
+    procs = [subprocess.Popen([*args, str(rank), str(workers)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(workers)]  # fmt: skip
+    outputs = [proc.communicate() for proc in procs]
     seconds = time.perf_counter() - started
-    with torch.no_grad():
-        x_val = torch.from_numpy(split.x_val)
-        return seconds, float(torch.mean((model(x_val)[0] - x_val) ** 2))
+    return seconds, _last_json("bare script", procs[0].returncode, *outputs[0])
+
+
+def run_ray_fit(spec: dict[str, Any], address: str) -> tuple[float, dict[str, Any]]:
+    """C: wall seconds of a fresh python doing one TorchTrainer.fit(), and what it printed."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the stack's Ray wants its token
+    env.pop("RAY_ADDRESS", None)
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, str(BENCH / "overhead.py"), "ray-fit",
+                          json.dumps(spec), address], cwd=REPO, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    return time.perf_counter() - started, _last_json("Ray fit", run.returncode, run.stdout,
+                                                    run.stderr)  # fmt: skip
+
+
+def _last_json(what: str, code: int | None, out: str, err: str) -> dict[str, Any]:
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if code != 0 or not lines:
+        raise RuntimeError(f"the {what} exited with {code}: {err[-2000:]}")
+    found: dict[str, Any] = json.loads(lines[-1])
+    return found
+
+
+# -- the service ----------------------------------------------------------------------------------
+def run_service(stack: Any, spec: dict[str, Any]) -> dict[str, float]:
+    """A: one job on the warm stack, timed as the client and the metrics stream saw it."""
+    from shared.redis_keys import Keys
+
+    job_id, posted_at = stack.submit(spec)
+    record, seen_at = stack.wait(job_id, poll_s=0.02)
+    entries = stack.store.redis.xrange(Keys().metrics(job_id))
+    first_at, last_at = (int(entries[i][0].split("-")[0]) / 1000 for i in (0, -1))
+    metrics = stack.result(job_id)["metrics"]
+    return {
+        "total": seen_at - posted_at,
+        "first_epoch": first_at - posted_at,
+        "last_to_done": seen_at - last_at,
+        "in_epochs": metrics["train_seconds"],
+        "start_seconds": metrics["start_seconds"],
+        "fit_seconds": metrics["fit_seconds"],
+        "stages": len(record["stages"]),
+        "val_mse": metrics.get("val_mse") or float("nan"),
+    }
+
+
+def load_example(name: str) -> dict[str, Any]:
+    import yaml
+
+    doc: dict[str, Any] = yaml.safe_load((REPO / "examples" / name).read_text())
+    return doc
+
+
+def med(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def spread(runs: list[dict[str, float]], key: str) -> str:
+    values = [run[key] for run in runs]
+    return f"{statistics.median(values):6.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def series(stack: Any, spec: dict[str, Any], runs: int, ray_address: str
+           ) -> dict[str, list[dict[str, float]]]:  # fmt: skip
+    """A, B, C in turn, `runs` times, after one throwaway round (its group, caches)."""
+    workers = spec["resources"]["workers"]
+    got: dict[str, list[dict[str, float]]] = {"A": [], "B": [], "C": []}
+    for i in range(runs + 1):
+        a = run_service(stack, spec)
+        b_s, b = run_bare([spec], workers)
+        c_s, c = run_ray_fit(spec, ray_address)
+        print(f"  {'warm-up' if i == 0 else f'run {i}'}: service {a['total']:.2f} s "
+              f"(first epoch at {a['first_epoch']:.2f} s), bare script {b_s:.2f} s, "
+              f"bare Ray fit {c_s:.2f} s; val_mse {a['val_mse']:.5f} / {b['val_mse'][0]:.5f} "
+              f"/ {c['val_mse'][0]:.5f}", flush=True)  # fmt: skip
+        if i == 0:
+            continue
+        got["A"].append(a)
+        got["B"].append({"total": b_s, "in_epochs": b["in_epochs"][0]})
+        got["C"].append({"total": c_s, "in_epochs": c["in_epochs"][0]})
+    return got
+
+
+def print_series(results: dict[int, dict[str, list[dict[str, float]]]], runs: int) -> None:
+    print(f"\nmedian (min-max) of {runs}, seconds")
+    print(f"{'setting':34s} {'total':>18s} {'in epochs':>9s} {'submit->1st epoch':>20s} "
+          f"{'last epoch->succeeded':>22s}")  # fmt: skip
+    names = {"A": "service (warm group)", "B": "bare script", "C": "bare Ray Train fit()"}
+    for workers, got in results.items():
+        for key, name in names.items():
+            runs_ = got[key]
+            is_a = key == "A"
+            print(f"{f'{workers} worker(s): {name}':34s} {spread(runs_, 'total'):>18s} "
+                  f"{med(runs_, 'in_epochs'):9.2f} "
+                  f"{spread(runs_, 'first_epoch') if is_a else '-':>20s} "
+                  f"{spread(runs_, 'last_to_done') if is_a else '-':>22s}")  # fmt: skip
+    print(f"\n{'figure':52s} {'measured':>9s} {'target':>8s}  met")
+    for workers, got in results.items():
+        a = med(got["A"], "total")
+        ratio, target = a / med(got["B"], "total"), TARGETS[f"ratio_{workers}"]
+        print(f"{f'{workers} worker(s): service / bare script':52s} {ratio:9.2f} "
+              f"{f'<= {target}':>8s}  {met(ratio <= target)}")  # fmt: skip
+        print(f"{f'{workers} worker(s): service / bare Ray Train fit()':52s} "
+              f"{a / med(got['C'], 'total'):9.2f} {'-':>8s}")  # fmt: skip
+        first = med(got["A"], "first_epoch")
+        print(f"{f'{workers} worker(s): submit -> first epoch, s':52s} {first:9.2f} "
+              f"{'<= 1.5':>8s}  {met(first <= TARGETS['first_epoch_s'])}")  # fmt: skip
+    print(
+        "\nwhere the service's time goes (medians, s): total = handover->end (fit_seconds) "
+        "+ the rest (API, queue, claim, results)"
+    )
+    for workers, got in results.items():
+        jobs = got["A"]
+        print(f"  {workers} worker(s): total {med(jobs, 'total'):.2f}; handover -> first "
+              f"epoch's start (start_seconds) {med(jobs, 'start_seconds'):.2f}; in epochs "
+              f"{med(jobs, 'in_epochs'):.2f}; fit_seconds {med(jobs, 'fit_seconds'):.2f}; "
+              f"outside the stage {med(jobs, 'total') - med(jobs, 'fit_seconds'):.2f}")  # fmt: skip
+
+
+def run_stacked(stack: Any, runs: int) -> list[dict[str, float]]:
+    spec = load_example("stacked-digits.yaml")
+    print(f"stacked example (examples/stacked-digits.yaml), {runs} runs", flush=True)
+    got = []
+    for i in range(runs):
+        run = run_service(stack, spec)
+        got.append(run)
+        print(f"  run {i + 1}: total {run['total']:.2f} s, {run['stages']} stages, in epochs "
+              f"{run['in_epochs']:.2f} s, start_seconds {run['start_seconds']:.2f}, "
+              f"fit_seconds {run['fit_seconds']:.2f}", flush=True)  # fmt: skip
+    return got
+
+
+def print_stacked(got: list[dict[str, float]], fixed_s: float | None) -> None:
+    total, train = med(got, "total"), med(got, "in_epochs")
+    print(
+        f"\nstacked example, median of {len(got)}: total {total:.2f} s; sum of its stages' "
+        f"training time (train_seconds) {train:.2f} s; start_seconds "
+        f"{med(got, 'start_seconds'):.2f}; fit_seconds {med(got, 'fit_seconds'):.2f}"
+    )
+    if fixed_s is None:
+        print("target: needs the 1-worker series for one job's fixed cost (--only 1 stacked)")
+        return
+    bound = TARGETS["stacked_factor"] * train + fixed_s
+    print(f"target: total <= 1.3 x {train:.2f} + {fixed_s:.2f} (one job's fixed cost: the "
+          f"1-worker job's total - train_seconds) = {bound:.2f} s: {total:.2f} s, "
+          f"{met(total <= bound)}")  # fmt: skip
+
+
+def bench(args: argparse.Namespace) -> None:
+    from stack import running_stack
+
+    load1, _, _ = os.getloadavg()
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}  {os.cpu_count()} CPUs, load average "
+          f"{load1:.2f}, torch {version('torch')}, ray {version('ray')}", flush=True)  # fmt: skip
+    one = load_example("digits-dense.yaml")
+    results: dict[int, dict[str, list[dict[str, float]]]] = {}
+    stacked: list[dict[str, float]] = []
+    with running_stack(env={"AETRAIN_WARM_GROUPS": "1"}, keep=args.keep) as stack:
+        print(f"aetrain up in {stack.home}; a throwaway job to have its group ready", flush=True)
+        stack.submit_and_wait(one)
+        fixed_s = None
+        if "1" in args.only:
+            print("1 worker (examples/digits-dense.yaml), C on the stack's Ray", flush=True)
+            results[1] = series(stack, one, args.runs, stack.ray_address())
+            fixed_s = statistics.median(a["total"] - a["in_epochs"] for a in results[1]["A"])
+        if "2" in args.only:
+            print("2 workers (examples/digits-dense-ddp.yaml), C on its own local Ray",
+                  flush=True)  # fmt: skip
+            results[2] = series(stack, load_example("digits-dense-ddp.yaml"), args.runs, "local")
+        if "stacked" in args.only:
+            if "2" in args.only:  # its group holds both CPUs: warm a one-worker group again
+                stack.submit_and_wait(one)
+            stacked = run_stacked(stack, args.runs)
+    if results:
+        print_series(results, args.runs)
+    if stacked:
+        print_stacked(stacked, fixed_s)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what a Ray Train worker with one CPU runs with
-    bare = [bare_loop(args.epochs) for _ in range(args.repeats)]
-    bare_s = statistics.median(s for s, _ in bare)
-    torch.set_num_threads(default_threads)
-    crowded_s = bare_loop(args.epochs)[0]
-    rows = [
-        ("bare loop, 1 thread", bare_s, bare_s, bare[-1][1]),
-        (f"bare loop, {default_threads} threads", crowded_s, crowded_s, bare[-1][1]),
-    ]
-    with local_service() as service:
-        for workers in (1, 2):
-            runs = [service.run(digits_spec(epochs=args.epochs, workers=workers))
-                    for _ in range(args.repeats)]  # fmt: skip
-            metrics = [job["result"]["metrics"] for job, _ in runs]
-            name = f"aetrain job, {workers} rank{'s' if workers > 1 else ''}"
-            rows.append((
-                name,
-                statistics.median(wall for _, wall in runs),
-                statistics.median(m["train_seconds"] for m in metrics),
-                metrics[-1]["val_mse"],
-            ))  # fmt: skip
-
-    print(
-        f"digits-dense example, {args.epochs} epochs, median of {args.repeats}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}"
-    )
-    print(f"{'setting':<24}{'wall_s':>9}{'epochs_s':>10}{'val_mse':>10}{'wall/bare':>11}")
-    for name, wall, train, mse in rows:
-        print(f"{name:<24}{wall:>9.2f}{train:>10.2f}{mse:>10.5f}{wall / bare_s:>11.1f}")
+    if sys.argv[1:2] == ["bare"]:
+        bare_main(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        return
+    if sys.argv[1:2] == ["ray-fit"]:
+        ray_fit_main(json.loads(sys.argv[2]), sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs of each setting (medians)")
+    parser.add_argument("--only", nargs="+", default=["1", "2", "stacked"],
+                        choices=["1", "2", "stacked"])  # fmt: skip
+    parser.add_argument("--keep", action="store_true", help="keep the stack's temporary home")
+    bench(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -116,8 +116,10 @@ def run_task(
     task: StageTask, attempt: int, rank: int, world_size: int, store: JobStore | None,
     channel: GroupChannel,
 ) -> StageOutcome:  # fmt: skip
+    device = ray.train.torch.get_device()  # [ray]
+    prepare = ray.train.torch.prepare_model  # [ray] to the device; DDP when world > 1
     if rank != 0:
-        return train_stage(task, rank, world_size, None, None, lambda _: None)
+        return train_stage(task, rank, world_size, device, prepare, None, None, lambda _: None)
     log_path = Path(task.log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a") as log:
@@ -130,7 +132,7 @@ def run_task(
             f"at most {task.max_failures + 1}, on {world_size} rank(s) of group "
             f"{channel.group_id}")  # fmt: skip
         try:
-            outcome = train_stage(task, rank, world_size, store, channel, say)
+            outcome = train_stage(task, rank, world_size, device, prepare, store, channel, say)
         except Exception:
             say(traceback.format_exc())
             raise

@@ -145,10 +145,7 @@ class GroupPool:
         # with the stage.
         launched: Future[WarmGroup] = Future()
         self._launches.put((shape, launched))
-        group = launched.result()
-        with self._lock:
-            group.busy = True
-            return group
+        return launched.result()
 
     def settle(self, claim: Claim, stage: str, group: WarmGroup | None) -> None:
         """The stage is over: its grant becomes the group's hold, or is released with the group."""
@@ -184,8 +181,8 @@ class GroupPool:
                 pass
             else:
                 try:
-                    with self._lock:
-                        launched.set_result(self._launch(shape))
+                    with self._lock:  # busy from the start: it has no hold to renew
+                        launched.set_result(self._launch(shape, busy=True))
                 except Exception as exc:
                     launched.set_exception(exc)
                 continue
@@ -241,7 +238,9 @@ class GroupPool:
     def _new_id(self) -> str:
         return f"{self.dispatcher_id}-{uuid.uuid4().hex[:8]}"
 
-    def _launch(self, shape: GroupShape, group_id: str | None = None) -> WarmGroup:
+    def _launch(
+        self, shape: GroupShape, group_id: str | None = None, busy: bool = False
+    ) -> WarmGroup:
         group_id = group_id or self._new_id()
         folder = Path(tempfile.mkdtemp(prefix=f"aetrain-group-{group_id}-"))
         config = GroupConfig(
@@ -263,6 +262,7 @@ class GroupPool:
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             )  # fmt: skip
         group = WarmGroup(config, process, channel, folder)
+        group.busy = busy
         self.groups[group_id] = group
         log.info("group %s (%s): started", group_id, shape)
         return group

@@ -1,4 +1,4 @@
-"""One stage's training on one rank of a warm group: plain DDP PyTorch, Ray's lines marked.
+"""One stage's training on one rank of a warm group: plain DDP PyTorch.
 
 The same loop trains every kind of stage; what differs (model, data, loss, evaluation) is
 the stage's Task (tasks.py). The group (group_loop.py) calls `train_stage` once per task, so
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.train.torch
 import redis
 import torch
 import torch.distributed as dist
@@ -105,18 +104,21 @@ def train_stage(
     task: StageTask,
     rank: int,
     world_size: int,
+    device: torch.device,
+    prepare: Callable[[nn.Module], nn.Module],
     store: JobStore | None,
     channel: GroupChannel | None,
     say: Say,
 ) -> StageOutcome:
     """Train the task's stage to its end, or until it must stop; rank 0's outcome is the one.
 
+    `prepare` moves a model to `device` and wraps it for DDP when world_size > 1 (Ray's
+    prepare_model on a group; bench/gpu_loop.py passes its own under torchrun, without Ray).
     `store` and `channel` are rank 0's (None elsewhere): the metrics, the lease and the stop
-    requests go through them.
+    requests go through them; without them nothing is published and no lease is checked.
     """
     spec = parse_job_spec(task.spec)
     stage = find_stage(spec, task.stage)
-    device = ray.train.torch.get_device()  # [ray]
 
     seed_everything(init_seed(spec))  # the same initial weights on every rank
     built = build_task(spec, stage, task.inputs, Path(task.datasets_root))
@@ -131,7 +133,7 @@ def train_stage(
     per_rank_batch = max(1, training.batch_size // world_size)
     train_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler)
 
-    model = ray.train.torch.prepare_model(built.model)  # [ray] to device, DDP when world > 1
+    model = prepare(built.model)
     optimizer = make_optimizer(model, training.optimizer, training.lr, training.weight_decay)
     run_folder = Path(task.run_folder)
     folder = latest_valid_checkpoint(run_folder, say if rank == 0 else None)
