@@ -182,7 +182,7 @@ class GroupChannel:
     def mark_ready(self) -> None:
         self.redis.hset(self.key, "ready", 1)
 
-    def dispatcher_alive(self) -> bool:
-        """False once the dispatcher's heartbeat has lapsed (a missing one counts as lapsed)."""
+    def heartbeat(self) -> float | None:
+        """When the dispatcher's last heartbeat runs out (epoch seconds); None if there is none."""
         until = self.redis.hget(self.key, "alive_until")
-        return until is not None and int(until) > time.time() * 1000
+        return int(until) / 1000 if until is not None else None

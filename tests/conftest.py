@@ -6,6 +6,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -15,6 +16,9 @@ from service.app import create_app
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore, connect
+
+if TYPE_CHECKING:
+    from workers.group_pool import GroupPool
 
 
 def free_port() -> int:
@@ -54,7 +58,11 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture
 def store(redis_url: str) -> Iterator[JobStore]:
     client = connect(redis_url)
-    client.flushdb()
+    # Everything but the channels of the session's warm groups (see shared_pool).
+    channels = JobStore(client, "aetrain").keys.group("")
+    stale = [key for key in client.scan_iter(count=1000) if not key.startswith(channels)]
+    for start in range(0, len(stale), 1000):
+        client.delete(*stale[start : start + 1000])
     yield JobStore(client, "aetrain")
     client.close()
 
@@ -97,3 +105,30 @@ def ray_address() -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_pool(redis_url: str, ray_address: str) -> Iterator["GroupPool"]:
+    """Warm worker groups shared by the tests' dispatchers, as a dispatcher keeps its own.
+
+    A group takes ~10 s to start here; most tests need one that has trained something
+    before, not a new one. A lapsed hold (each test empties Redis) is taken again.
+    """
+    from workers.group_pool import GroupPool, PoolSettings  # Ray: only for the tests on it
+
+    pool = GroupPool(JobStore(connect(redis_url), "aetrain"), "tests",
+                     PoolSettings(redis_url, ray_address, idle_s=3600.0)).start()  # fmt: skip
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def group_pool(shared_pool: "GroupPool") -> "GroupPool":
+    return shared_pool
+
+
+@pytest.fixture
+def empty_group_pool(shared_pool: "GroupPool") -> "GroupPool":
+    """The shared pool without idle groups: for a test that counts or kills worker processes."""
+    shared_pool.retire_idle()
+    return shared_pool

@@ -44,6 +44,7 @@ class Dispatcher:
         dispatcher_id: str | None = None,
         warm_idle_s: float = 60.0,
         warm_groups: int = 0,
+        pool: GroupPool | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -55,7 +56,10 @@ class Dispatcher:
         self.min_free_disk_bytes = min_free_disk_bytes
         self.id = dispatcher_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
-        self.pool = GroupPool(store, self.id, PoolSettings(
+        # A pool passed in is shared (several dispatchers of one process, the tests) and
+        # closed by its owner; this dispatcher's own pool goes when it stops.
+        self.owns_pool = pool is None
+        self.pool = pool or GroupPool(store, self.id, PoolSettings(
             redis_url, ray_address, idle_s=warm_idle_s, keep_warm=warm_groups,
             hold_ttl_s=lease_ttl_s,
         ))  # fmt: skip
@@ -101,18 +105,20 @@ class Dispatcher:
                 thread.start()
         for thread in list(self._running.values()):
             thread.join()
-        self.pool.close()
+        if self.owns_pool:
+            self.pool.close()
 
     def run_once(self, block_ms: int = 1000) -> JobRecord | None:
         """Claim one job and run it to its end in this thread; None when the queue was empty.
 
-        The worker groups it started are let go at the end.
+        The worker groups of its own pool are let go at the end.
         """
         claim = self._claim(block_ms)
         try:
             return self.execute(claim) if claim is not None else None
         finally:
-            self.pool.close()
+            if self.owns_pool:
+                self.pool.close()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -150,6 +156,7 @@ class Dispatcher:
                 return False  # a job just claimed has not asked for its resources yet
             used, waiting = self.store.scheduler.reserved()
             free_cpus = ray.cluster_resources().get("CPU", 0.0) - used.get("CPU", 0.0)
+            free_cpus += self.pool.idle_cpus()  # held by our idle groups: a job may adopt one
         except Exception as exc:  # Redis or Ray unreachable: claiming would fail too
             self._complain(f"could not read the cluster's free resources: {exc}")
             return False

@@ -3,8 +3,9 @@
 A stage runs on an idle group of its shape (workers x CPUs x GPUs) when there is one, else on
 a new group. Between stages a group holds its resources on Ray, so the scheduler counts it
 (a hold, see shared/scheduler.py). An idle group is retired after `idle_s`, or as soon as a
-stage waits for resources (another shape may need its CPUs), or when its hold lapsed. The
-pool keeps `keep_warm` one-worker groups started while no stage waits.
+stage waits for resources (another shape may need its CPUs), or when its hold lapsed and
+cannot be taken again. The pool keeps `keep_warm` one-worker groups started while no stage
+waits.
 
 A thread beats every group's heartbeat and renews the holds; a group whose dispatcher stops
 beating (frozen, or dead) ends itself (warm_group.py).
@@ -170,6 +171,10 @@ class GroupPool:
         with self._lock:
             return sum(1 for g in self.groups.values() if not g.busy and g.alive)
 
+    def idle_cpus(self) -> float:
+        with self._lock:
+            return sum(g.shape.need["CPU"] for g in self.groups.values() if not g.busy)
+
     # -- upkeep ---------------------------------------------------------------------------------
     def _maintain_forever(self) -> None:
         next_upkeep = 0.0
@@ -212,13 +217,25 @@ class GroupPool:
             for group in idle:
                 idle_for = now - group.idle_since
                 keep = group in warm[: self.settings.keep_warm]
-                if group.id in lapsed:
-                    self._retire(group, "its hold lapsed")
+                if group.id in lapsed and not self._hold_again(group):
+                    self._retire(group, "its hold lapsed and its resources are spoken for")
                 elif waiting and idle_for > WAIT_GRACE_S:
                     self._retire(group, "a waiting stage may need its resources")
                 elif idle_for > self.settings.idle_s and not keep:
                     self._retire(group, f"idle for {idle_for:.0f} s")
             self._keep_warm(waiting)
+
+    def _hold_again(self, group: WarmGroup) -> bool:
+        """A lapsed hold (renewals late, Redis restarted empty) is taken again while the
+        group's resources are still free and no stage waits for them."""
+        return self.store.scheduler.hold(group.id, group.shape.need, self._cluster_total(),
+                                         self.settings.hold_ttl_s)  # fmt: skip
+
+    def retire_idle(self) -> None:
+        """Let every idle group go now."""
+        with self._lock:
+            for group in [g for g in self.groups.values() if not g.busy]:
+                self._retire(group, "asked to let idle groups go")
 
     def _keep_warm(self, waiting: bool) -> None:
         have = sum(1 for g in self.groups.values() if g.shape == DEFAULT_SHAPE)

@@ -47,6 +47,25 @@ class Task:
     training: TrainingSpec
 
 
+class OnDevice:
+    """A tensor copied once to the device of the model that evaluates on it (a GPU rank's
+    model is on the GPU; the data is built on the CPU)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._copies = {tensor.device: tensor}
+        self._source = tensor
+
+    @staticmethod
+    def device_of(model: nn.Module) -> torch.device:
+        return next(model.parameters()).device
+
+    def like(self, model: nn.Module) -> torch.Tensor:
+        device = self.device_of(model)
+        if device not in self._copies:
+            self._copies[device] = self._source.to(device)
+        return self._copies[device]
+
+
 def init_seed(spec: AnyJobSpec) -> int:
     """The seed of a job's initial weights (the same on every rank)."""
     if isinstance(spec, SemisupervisedSpec):
@@ -120,10 +139,10 @@ def _reconstruction_task(
     objective: ObjectiveSpec,
     training: TrainingSpec,
 ) -> Task:
-    x_val_t = torch.from_numpy(x_val)
+    x_val_t = OnDevice(torch.from_numpy(x_val))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return evaluate_reconstruction(m, x_val_t, objective)
+        return evaluate_reconstruction(m, x_val_t.like(m), objective)
 
     return Task(
         model=model,
@@ -200,17 +219,18 @@ def _classifier_task(
     chosen = labeled_subset(split.y_train, spec.labeled_fraction, spec.labeled_count,
                             spec.data.seed)  # fmt: skip
     model = build_classifier(spec, stage, inputs, classes)
-    x_val, y_val = torch.from_numpy(split.x_val), torch.from_numpy(split.y_val)
+    x_val, y_val = OnDevice(torch.from_numpy(split.x_val)), OnDevice(torch.from_numpy(split.y_val))
     x_test, y_test = torch.from_numpy(split.x_test), torch.from_numpy(split.y_test)
     training = head_training(spec)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return {"val_accuracy": accuracy(m, x_val, y_val)}
+        return {"val_accuracy": accuracy(m, x_val.like(m), y_val.like(m))}
 
     def final(m: nn.Module) -> dict[str, float]:
+        device = OnDevice.device_of(m)
         return {
             **evaluate(m),
-            "test_accuracy": accuracy(m, x_test, y_test),
+            "test_accuracy": accuracy(m, x_test.to(device), y_test.to(device)),
             "labeled": float(len(chosen)),
             "classes": float(classes),
         }

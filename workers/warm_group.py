@@ -63,17 +63,25 @@ class StageTrainer(TorchTrainer):
 
 
 def end_when_orphaned(config: GroupConfig) -> None:
-    """os._exit once the dispatcher's heartbeat has lapsed; a Redis that does not answer is
-    no news (the lease of the job in flight fences its writes meanwhile)."""
+    """os._exit once the dispatcher's heartbeat has lapsed, or has been missing (the channel
+    deleted, Redis restarted empty) for as long; a Redis that does not answer is no news
+    (the lease of the job in flight fences its writes meanwhile)."""
     channel = GroupChannel(connect(config.redis_url), Keys(config.key_prefix), config.group_id)
 
     def watch() -> None:
+        missing_since = time.time()
         while True:
             time.sleep(HEARTBEAT_CHECK_S)
             try:
-                if channel.dispatcher_alive():
-                    continue
+                until = channel.heartbeat()
             except redis.RedisError:
+                continue
+            now = time.time()
+            if until is not None:
+                missing_since = now
+                if until > now:
+                    continue
+            elif now - missing_since < config.heartbeat_timeout_s:
                 continue
             print(f"group {config.group_id}: the dispatcher's heartbeat lapsed; ending",
                   flush=True)  # fmt: skip

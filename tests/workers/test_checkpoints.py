@@ -30,6 +30,7 @@ from workers.checkpoints import (
     verify,
 )
 from workers.dispatcher import Dispatcher
+from workers.group_pool import GroupPool
 from workers.tasks import build_task, find_stage
 from workers.train_loop import make_optimizer
 
@@ -203,8 +204,9 @@ def stage_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_a_run_skips_partial_checkpoints_keeps_whole_ones_and_resumes_past_damage(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> None:
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    group_pool: GroupPool,
+) -> None:  # fmt: skip
     spec = digits_spec(epochs=8, checkpoint_every=2, checkpoints_to_keep=2)
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
     run = storage.runs_root / storage.run_name(job_id, "train")
@@ -220,7 +222,8 @@ def test_a_run_skips_partial_checkpoints_keeps_whole_ones_and_resumes_past_damag
     save_checkpoint(unfinished, model, optimizer, 6, "{}")
     drop_manifest(unfinished)
 
-    Dispatcher(store, storage, settings.require_redis_url(), ray_address).run_once(2000)
+    Dispatcher(store, storage, settings.require_redis_url(), ray_address,
+               pool=group_pool).run_once(2000)  # fmt: skip
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "succeeded", job["error"]
     epochs = [m["epoch"] for m in store.metrics_history(job_id) if m["stage"] == "train"]

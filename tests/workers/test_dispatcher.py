@@ -22,6 +22,7 @@ from shared.storage import Storage
 from shared.store import JobStore
 from tests.specs import digits_spec
 from workers.dispatcher import Dispatcher
+from workers.group_pool import GroupPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -41,10 +42,11 @@ def make_dispatcher(
     ray_address: str,
     name: str = "d1",
     slots: int = 1,
+    pool: GroupPool | None = None,
 ) -> Dispatcher:
     return Dispatcher(
         store, storage, settings.require_redis_url(), ray_address,
-        lease_ttl_s=10.0, slots=slots, dispatcher_id=name,
+        lease_ttl_s=10.0, slots=slots, dispatcher_id=name, pool=pool,
     )  # fmt: skip
 
 
@@ -60,13 +62,16 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
 
 @pytest.fixture
 def running_dispatchers(
-    store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> Iterator[Callable[[int], list[Dispatcher]]]:
+    store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    empty_group_pool: GroupPool,
+) -> Iterator[Callable[[int], list[Dispatcher]]]:  # fmt: skip
+    """Dispatchers sharing the session's pool, emptied first: their tests count workers."""
     started: list[tuple[Dispatcher, threading.Thread]] = []
 
     def start(count: int) -> list[Dispatcher]:
         for i in range(count):
-            dispatcher = make_dispatcher(store, storage, settings, ray_address, f"d{i}")
+            dispatcher = make_dispatcher(store, storage, settings, ray_address, f"d{i}",
+                                         pool=empty_group_pool)  # fmt: skip
             thread = threading.Thread(target=dispatcher.run_forever, daemon=True)
             thread.start()
             started.append((dispatcher, thread))
@@ -124,13 +129,15 @@ def test_spec_goes_through_http_to_a_loadable_encoder_on_one_and_two_ranks(
     settings: Settings,
     ray_address: str,
     tmp_path: Path,
+    group_pool: GroupPool,
 ) -> None:
     epochs = 12
     val_mse = {}
     for workers in (1, 2):
         spec = digits_spec(epochs=epochs, workers=workers)
         job_id = client.post("/v1/jobs", json=spec).json()["id"]
-        make_dispatcher(store, storage, settings, ray_address).run_once(block_ms=2000)
+        make_dispatcher(store, storage, settings, ray_address,
+                        pool=group_pool).run_once(block_ms=2000)  # fmt: skip
         val_mse[workers] = check_finished_job(client, job_id, epochs, tmp_path)
     # 2-rank DDP (gloo): same global batch and data, only the sampling order differs.
     assert val_mse[2] == pytest.approx(val_mse[1], rel=0.3), val_mse
@@ -244,8 +251,9 @@ def test_two_dispatchers_run_each_of_four_jobs_exactly_once(
 
 
 def test_stages_of_two_jobs_share_the_cluster_and_a_two_worker_stage_waits_for_both(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> None:
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    empty_group_pool: GroupPool,
+) -> None:  # fmt: skip
     assert ray.cluster_resources()["CPU"] == 2
     ids = []
     for workers in (1, 1, 2):
@@ -278,11 +286,12 @@ def test_stages_of_two_jobs_share_the_cluster_and_a_two_worker_stage_waits_for_b
 
 
 def test_a_stage_is_not_started_on_a_storage_below_the_free_disk_floor(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> None:
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    group_pool: GroupPool,
+) -> None:  # fmt: skip
     job_id = client.post("/v1/jobs", json=digits_spec()).json()["id"]
     full = Dispatcher(store, storage, settings.require_redis_url(), ray_address,
-                      min_free_disk_bytes=2**62)  # more than any disk has  # fmt: skip
+                      min_free_disk_bytes=2**62, pool=group_pool)  # more than any disk has
     full.run_once(block_ms=2000)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "failed"

@@ -18,6 +18,7 @@ from shared.specs import parse_job_spec
 from shared.storage import Storage
 from shared.store import JobStore
 from workers.dispatcher import Dispatcher
+from workers.group_pool import GroupPool
 
 SWISS_ROLL: dict[str, Any] = {
     "kind": "autoencoder",
@@ -135,11 +136,13 @@ def test_non_finite_metrics_in_redis_leave_record_list_result_and_events_valid_j
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_a_diverging_job_fails_once_with_a_reason_and_its_neighbour_succeeds(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> None:
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    group_pool: GroupPool,
+) -> None:  # fmt: skip
     diverging = client.post("/v1/jobs", json=DIVERGING).json()["id"]
     healthy = client.post("/v1/jobs", json=HEALTHY).json()["id"]
-    dispatcher = Dispatcher(store, storage, settings.require_redis_url(), ray_address)
+    dispatcher = Dispatcher(store, storage, settings.require_redis_url(), ray_address,
+                            pool=group_pool)  # fmt: skip
     ran = [dispatcher.run_once(block_ms=2000), dispatcher.run_once(block_ms=2000)]
     assert [job.id for job in ran if job is not None] == [diverging, healthy]
 

@@ -25,15 +25,18 @@ from shared.store import JobStore
 from tests.specs import digits_spec
 from tests.workers.test_dispatcher import make_dispatcher, train_worker_pids, wait_for
 from workers.dispatcher import Dispatcher
+from workers.group_pool import GroupPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
 @pytest.fixture
 def dispatcher(
-    store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> Iterator[Dispatcher]:
-    running = make_dispatcher(store, storage, settings, ray_address)
+    store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    empty_group_pool: GroupPool,
+) -> Iterator[Dispatcher]:  # fmt: skip
+    """On the session's pool, emptied first: these tests count and kill worker processes."""
+    running = make_dispatcher(store, storage, settings, ray_address, pool=empty_group_pool)
     thread = threading.Thread(target=running.run_forever, daemon=True)
     thread.start()
     yield running
@@ -179,8 +182,9 @@ def test_a_dispatcher_killed_after_its_claim_or_before_the_artifacts_is_taken_ov
 
 
 def test_a_poison_job_fails_after_max_failures_with_its_error_and_does_not_hold_up_others(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> None:
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    group_pool: GroupPool,
+) -> None:  # fmt: skip
     body = io.BytesIO()
     np.savez(body, x=np.random.default_rng(0).random((200, 6)))
     dataset = client.post("/v1/datasets", content=body.getvalue()).json()["id"]
@@ -191,7 +195,7 @@ def test_a_poison_job_fails_after_max_failures_with_its_error_and_does_not_hold_
     poison_id = client.post("/v1/jobs", json=poison).json()["id"]
     good_id = client.post("/v1/jobs", json=digits_spec(epochs=3)).json()["id"]
 
-    dispatcher = make_dispatcher(store, storage, settings, ray_address, slots=2)
+    dispatcher = make_dispatcher(store, storage, settings, ray_address, slots=2, pool=group_pool)
     thread = threading.Thread(target=dispatcher.run_forever, daemon=True)
     thread.start()
     try:

@@ -28,6 +28,7 @@ from shared.store import JobStore
 from tests.specs import digits_spec
 from tests.workers.test_dispatcher import train_worker_pids, wait_for
 from workers.checkpoints import latest_valid_checkpoint, load_state
+from workers.group_pool import GroupPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
@@ -61,8 +62,9 @@ class Peak(threading.Thread):
 
 @pytest.fixture
 def two_dispatchers(
-    settings: Settings, ray_address: str, tmp_path: Path
+    settings: Settings, ray_address: str, tmp_path: Path, empty_group_pool: GroupPool
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Two `python -m workers`; the session's idle groups go first (the test counts workers)."""
     env = {**os.environ, "AETRAIN_REDIS_URL": settings.require_redis_url(),
            "AETRAIN_STORAGE": str(settings.storage_root), "RAY_ADDRESS": ray_address,
            "RAY_AUTH_MODE": "token", "AETRAIN_LEASE_TTL_S": str(LEASE_TTL_S)}  # fmt: skip

@@ -15,14 +15,17 @@ from shared.store import JobStore
 from tests.specs import digits_spec
 from tests.workers.test_dispatcher import train_worker_pids, wait_for, wait_until_ended
 from workers.dispatcher import Dispatcher
+from workers.group_pool import GroupPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
 
 @pytest.fixture
 def start_dispatcher(
-    store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> Iterator[Callable[..., Dispatcher]]:
+    store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    empty_group_pool: GroupPool,
+) -> Iterator[Callable[..., Dispatcher]]:  # fmt: skip
+    """Dispatchers with pools of their own (the session's is emptied first, for the CPUs)."""
     started: list[tuple[Dispatcher, threading.Thread]] = []
 
     def start(**options: Any) -> Dispatcher:

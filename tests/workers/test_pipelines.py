@@ -19,6 +19,7 @@ from shared.storage import Storage
 from shared.store import JobStore
 from tests.specs import set_field
 from workers.dispatcher import Dispatcher
+from workers.group_pool import GroupPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -32,8 +33,11 @@ def example(name: str, **changes: Any) -> dict[str, Any]:
     return spec
 
 
-def run_one(store: JobStore, storage: Storage, settings: Settings, ray_address: str) -> None:
-    Dispatcher(store, storage, settings.require_redis_url(), ray_address).run_once(2000)
+def run_one(
+    store: JobStore, storage: Storage, settings: Settings, ray_address: str, pool: GroupPool
+) -> None:
+    Dispatcher(store, storage, settings.require_redis_url(), ray_address,
+               pool=pool).run_once(2000)  # fmt: skip
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -47,13 +51,13 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
 
 def test_stacked_example_trains_layer_by_layer_then_finetunes(
     client: TestClient, store: JobStore, storage: Storage, settings: Settings,
-    ray_address: str, tmp_path: Path,
+    ray_address: str, tmp_path: Path, group_pool: GroupPool,
 ) -> None:  # fmt: skip
     spec = example("stacked-digits.yaml", training__epochs=3, finetune__epochs=2)
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
     assert [s["name"] for s in client.get(f"/v1/jobs/{job_id}").json()["stages"]] == [
         "layer1", "layer2", "layer3", "finetune"]  # fmt: skip
-    run_one(store, storage, settings, ray_address)
+    run_one(store, storage, settings, ray_address, group_pool)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "succeeded", job["error"]
     stages = {s["name"]: s for s in job["stages"]}
@@ -72,12 +76,12 @@ def test_stacked_example_trains_layer_by_layer_then_finetunes(
 
 def test_semisupervised_example_reports_head_and_baseline_accuracy(
     client: TestClient, store: JobStore, storage: Storage, settings: Settings,
-    ray_address: str, tmp_path: Path,
+    ray_address: str, tmp_path: Path, group_pool: GroupPool,
 ) -> None:  # fmt: skip
     spec = example("semisupervised-digits.yaml", pretrain__training__epochs=3, head__epochs=20,
                    labeled_fraction=0.2)  # fmt: skip
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
-    run_one(store, storage, settings, ray_address)
+    run_one(store, storage, settings, ray_address, group_pool)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "succeeded", job["error"]
     assert [s["name"] for s in job["stages"]] == ["pretrain", "head", "baseline"]
@@ -102,19 +106,21 @@ def test_semisupervised_example_reports_head_and_baseline_accuracy(
 
 
 def test_a_stage_larger_than_the_cluster_fails_with_a_reason(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> None:
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    group_pool: GroupPool,
+) -> None:  # fmt: skip
     spec = example("stacked-digits.yaml", resources={"workers": 64})
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
-    run_one(store, storage, settings, ray_address)
+    run_one(store, storage, settings, ray_address, group_pool)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "failed"
     assert "layer1" in job["error"] and "more than the whole cluster" in job["error"]
 
 
 def test_a_killed_stacked_job_resumes_at_the_stage_after_the_last_finished(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> None:
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    empty_group_pool: GroupPool,  # its CPUs for the dispatchers in processes of their own
+) -> None:  # fmt: skip
     spec = example("stacked-digits.yaml", training__epochs=250, finetune=None)
     spec["training"]["checkpoint_every"] = 50
     spec["layers"] = spec["layers"][:2] + [{"units": 12, "activation": "sigmoid"}]
@@ -169,8 +175,9 @@ def test_a_killed_stacked_job_resumes_at_the_stage_after_the_last_finished(
 
 
 def test_semisupervised_on_a_stacked_pretraining_with_a_finetuned_encoder(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> None:
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    group_pool: GroupPool,
+) -> None:  # fmt: skip
     spec = {
         "kind": "semisupervised",
         "data": {"dataset": "digits"},
@@ -182,7 +189,7 @@ def test_semisupervised_on_a_stacked_pretraining_with_a_finetuned_encoder(
         "baseline": False,
     }  # fmt: skip
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
-    run_one(store, storage, settings, ray_address)
+    run_one(store, storage, settings, ray_address, group_pool)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "succeeded", job["error"]
     assert [(s["name"], s["state"]) for s in job["stages"]] == [

@@ -13,6 +13,7 @@ from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore
 from workers.dispatcher import Dispatcher
+from workers.group_pool import GroupPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -36,10 +37,12 @@ EVERYTHING = {
 
 
 def test_a_job_with_every_objective_reports_pictures_and_interpolates(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> None:
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    group_pool: GroupPool,
+) -> None:  # fmt: skip
     job_id = client.post("/v1/jobs", json=EVERYTHING).json()["id"]
-    Dispatcher(store, storage, settings.require_redis_url(), ray_address).run_once(block_ms=2000)
+    Dispatcher(store, storage, settings.require_redis_url(), ray_address,
+               pool=group_pool).run_once(block_ms=2000)  # fmt: skip
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "succeeded", job["error"]
 
@@ -75,15 +78,17 @@ def test_a_job_with_every_objective_reports_pictures_and_interpolates(
 
 
 def test_a_conv_job_trains_on_an_uploaded_image_dataset(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str
-) -> None:
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    group_pool: GroupPool,
+) -> None:  # fmt: skip
     bunch = load_digits()
     body = io.BytesIO()
     np.savez(body, x=bunch.images[:400], y=bunch.target[:400])  # (n, h, w) float64 images
     dataset = client.post("/v1/datasets", content=body.getvalue()).json()["id"]
     spec = {**EVERYTHING, "data": {"dataset": dataset}, "objective": {"loss": "mse"}}
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
-    Dispatcher(store, storage, settings.require_redis_url(), ray_address).run_once(block_ms=2000)
+    Dispatcher(store, storage, settings.require_redis_url(), ray_address,
+               pool=group_pool).run_once(block_ms=2000)  # fmt: skip
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "succeeded", job["error"]
     metrics = client.get(f"/v1/jobs/{job_id}/result").json()["metrics"]
