@@ -60,11 +60,27 @@ class Settings(BaseSettings):
     warm_groups: int = Field(
         default=0, ge=0, le=64, description="one-worker groups kept started (`up` sets 1)"
     )
+    cluster_max_cpus: float | None = Field(
+        default=None, gt=0, description="CPUs an autoscaling Ray cluster may grow to"
+    )
+    cluster_max_gpus: float | None = Field(
+        default=None, ge=0, description="GPUs an autoscaling Ray cluster may grow to"
+    )
+    group_start_timeout_s: float = Field(
+        default=1800.0, gt=0, le=86_400,
+        description="a worker group not ready by then fails its stage (the cluster did not grow)",
+    )  # fmt: skip
     ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
 
     @property
     def extra_allowed_hosts(self) -> frozenset[str]:
         return frozenset(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
+
+    @property
+    def cluster_max(self) -> dict[str, float]:
+        """The most the cluster may grow to, per resource, where a setting says so."""
+        most = {"CPU": self.cluster_max_cpus, "GPU": self.cluster_max_gpus}
+        return {kind: amount for kind, amount in most.items() if amount is not None}
 
     @property
     def retention_s(self) -> float:

@@ -25,7 +25,7 @@ from workers.janitor import SWEEP_INTERVAL_S, sweep_logged
 from workers.lease import LeaseKeeper
 from workers.results import finalize
 from workers.runner import Stopped, StopReason
-from workers.stage_graph import StageFailed, StageGraph, Wiring
+from workers.stage_graph import StageFailed, StageGraph, Wiring, cluster_size
 
 log = logging.getLogger("aetrain.dispatcher")
 
@@ -45,6 +45,8 @@ class Dispatcher:
         warm_idle_s: float = 60.0,
         warm_groups: int = 0,
         pool: GroupPool | None = None,
+        cluster_max: dict[str, float] | None = None,
+        group_start_timeout_s: float = 1800.0,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -54,6 +56,8 @@ class Dispatcher:
         self.slots = slots
         self.max_takeovers = max_takeovers
         self.min_free_disk_bytes = min_free_disk_bytes
+        self.cluster_max = cluster_max or {}
+        self.group_start_timeout_s = group_start_timeout_s
         self.id = dispatcher_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
         # A pool passed in is shared (several dispatchers of one process, the tests) and
@@ -155,7 +159,8 @@ class Dispatcher:
             if set(self._running) - self.store.scheduler.asking_jobs():
                 return False  # a job just claimed has not asked for its resources yet
             used, waiting = self.store.scheduler.reserved()
-            free_cpus = ray.cluster_resources().get("CPU", 0.0) - used.get("CPU", 0.0)
+            size = cluster_size(ray.cluster_resources(), self.cluster_max)
+            free_cpus = size.get("CPU", 0.0) - used.get("CPU", 0.0)
             free_cpus += self.pool.idle_cpus()  # held by our idle groups: a job may adopt one
         except Exception as exc:  # Redis or Ray unreachable: claiming would fail too
             self._complain(f"could not read the cluster's free resources: {exc}")
@@ -193,7 +198,8 @@ class Dispatcher:
 
     def _execute(self, claim: Claim, lease: LeaseKeeper) -> JobRecord | None:
         job = claim.job
-        wiring = Wiring(self.store, self.storage, self.pool, self.min_free_disk_bytes)
+        wiring = Wiring(self.store, self.storage, self.pool, self.min_free_disk_bytes,
+                        self.cluster_max, self.group_start_timeout_s)  # fmt: skip
         graph = StageGraph(wiring, claim, lease, self.stopping)
         try:
             pause_at("claimed", job.id)

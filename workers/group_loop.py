@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ray
 import ray.train
 import ray.train.torch
 import redis
@@ -42,6 +43,7 @@ def group_loop_per_worker(config: dict[str, Any]) -> None:
     client = connect(group.redis_url)
     channel = GroupChannel(client, Keys(group.key_prefix), group.group_id)
     store = JobStore(client, group.key_prefix) if rank == 0 else None
+    nodes = rank_nodes(world_size)
     if rank == 0:
         channel.mark_ready()
     done = -1
@@ -52,7 +54,7 @@ def group_loop_per_worker(config: dict[str, Any]) -> None:
             done = max(done, seq)
             continue
         try:
-            outcome = run_task(task, attempt, rank, world_size, store, channel)
+            outcome = run_task(task, attempt, rank, world_size, store, channel, nodes)
         except Exception as exc:
             _record_error(channel, task, exc)
             if world_size > 1:
@@ -112,9 +114,19 @@ def decide(channel: GroupChannel, store: JobStore) -> tuple[int, StageTask | Non
     return seq, task, attempt
 
 
+def rank_nodes(world_size: int) -> list[str]:
+    """The Ray node of every rank, in rank order (the stage logs say where each rank ran)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world_size == 1:
+        return [node]
+    nodes: list[Any] = [None] * world_size
+    dist.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
 def run_task(
     task: StageTask, attempt: int, rank: int, world_size: int, store: JobStore | None,
-    channel: GroupChannel,
+    channel: GroupChannel, nodes: list[str],
 ) -> StageOutcome:  # fmt: skip
     device = ray.train.torch.get_device()  # [ray]
     prepare = ray.train.torch.prepare_model  # [ray] to the device; DDP when world > 1
@@ -130,7 +142,7 @@ def run_task(
 
         say(f"stage {task.stage} of job {task.job_id} (token {task.token}): start {attempt} of "
             f"at most {task.max_failures + 1}, on {world_size} rank(s) of group "
-            f"{channel.group_id}")  # fmt: skip
+            f"{channel.group_id}; rank nodes {' '.join(n[:12] for n in nodes)}")  # fmt: skip
         try:
             outcome = train_stage(task, rank, world_size, device, prepare, store, channel, say)
         except Exception:

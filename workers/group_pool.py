@@ -154,8 +154,12 @@ class GroupPool:
             reusable = (group is not None and group.alive and not self._closed.is_set()
                         and group.id in self.groups)  # fmt: skip
             if reusable and group is not None:
-                self.store.scheduler.park(claim, stage, group.id, group.shape.need,
-                                          self.settings.hold_ttl_s)  # fmt: skip
+                try:
+                    self.store.scheduler.park(claim, stage, group.id, group.shape.need,
+                                              self.settings.hold_ttl_s)  # fmt: skip
+                except redis.RedisError:  # unaccounted for, it may not stay: its grant lapses
+                    self._retire(group, "its hold could not be recorded")
+                    raise
                 group.busy, group.offered, group.idle_since = False, False, time.monotonic()
                 group.stages += 1
                 return

@@ -49,6 +49,8 @@ def run_worker(settings: Settings | None = None) -> None:
         min_free_disk_bytes=settings.min_free_disk_bytes,
         warm_idle_s=settings.warm_idle_s,
         warm_groups=settings.warm_groups,
+        cluster_max=settings.cluster_max,
+        group_start_timeout_s=settings.group_start_timeout_s,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

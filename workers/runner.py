@@ -85,6 +85,10 @@ class ProgressWatch:
         self.progress_at = time.monotonic()
         self._first_check = True
 
+    def not_started_yet(self) -> None:
+        """Its workers are not up yet (an autoscaling cluster growing): that is no stall."""
+        self.progress_at = time.monotonic()
+
     def check(self) -> None:
         """Raise Stopped on a cancel request, Stalled past the deadline without a new epoch."""
         try:
@@ -111,6 +115,7 @@ def run_stage(
     run: StageRun,
     lease: LeaseKeeper,
     should_stop: Callable[[], bool],
+    start_timeout_s: float = 1800.0,
 ) -> StageOutcome:
     """Train the stage on `group` to its end; returns its outcome or raises.
 
@@ -119,11 +124,15 @@ def run_stage(
     group is killed), Diverged when the loss stopped being finite, TrainingFailed when
     training raised or the group died. A group asked to stop that has not within
     STOP_GRACE_S is killed (the pool starts another for the next stage).
+
+    The progress deadline counts from the group's start: a new group may wait long for an
+    autoscaling cluster to grow, up to `start_timeout_s`.
     """
     job_id, token = run.claim.job.id, run.claim.token
     task = group.submit(**run.task_fields)
     watch = ProgressWatch(store, job_id, run.stage, run.progress_timeout_s)
-    last_check = time.monotonic()
+    handed_at = last_check = time.monotonic()
+    ready = False
     try:
         while (outcome := _read_outcome(group, task.seq)) is None:
             if not group.alive:
@@ -134,6 +143,15 @@ def run_stage(
             if lease.lost.is_set():
                 raise LeaseLost(job_id, token)
             if time.monotonic() - last_check >= _CANCEL_CHECK_S:
+                ready = ready or _is_ready(group)
+                if not ready:
+                    watch.not_started_yet()
+                    if time.monotonic() - handed_at > start_timeout_s:
+                        pool.retire(group, "it did not start in time")
+                        raise TrainingFailed(
+                            f"its worker group did not start within {start_timeout_s:.0f} s "
+                            "(AETRAIN_GROUP_START_TIMEOUT_S): the cluster has no room for it"
+                        )
                 watch.check()
                 last_check = time.monotonic()
             if should_stop():
@@ -153,6 +171,13 @@ def run_stage(
     if outcome.error is not None:
         raise TrainingFailed(outcome.error)
     return outcome
+
+
+def _is_ready(group: WarmGroup) -> bool:
+    try:
+        return group.channel.is_ready()
+    except redis.RedisError:
+        return False
 
 
 def _read_outcome(group: WarmGroup, seq: int) -> StageOutcome | None:

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -69,6 +69,19 @@ class Wiring:
     storage: Storage
     pool: GroupPool
     min_free_disk_bytes: int = 0  # a stage is not started on a storage fuller than this
+    # What an autoscaling cluster may grow to (AETRAIN_CLUSTER_MAX_CPUS/GPUS): a stage that
+    # fits it is admitted and waits for the nodes; one that does not fails at once.
+    cluster_max: dict[str, float] = field(default_factory=dict)
+    group_start_timeout_s: float = 1800.0
+
+
+def cluster_size(up_now: dict[str, float], most: dict[str, float]) -> dict[str, float]:
+    """The resources stages are admitted and granted against: what is up, or what the
+    cluster may grow to where that is more."""
+    size = {kind: float(amount) for kind, amount in up_now.items()}
+    for kind, amount in most.items():
+        size[kind] = max(size.get(kind, 0.0), amount)
+    return size
 
 
 def fits(need: dict[str, float], room: dict[str, float]) -> bool:
@@ -91,12 +104,13 @@ class StageGraph:
         done = {s.name: s.checkpoint for s in job.stages if s.state is StageState.SUCCEEDED}
         checkpoints: dict[str, str] = {k: v for k, v in done.items() if v is not None}
         pending = [stage for stage in plan if stage.name not in checkpoints]
-        total = ray.cluster_resources()
+        total = cluster_size(ray.cluster_resources(), self.wiring.cluster_max)
         for stage in pending:
             need = stage.demand
             if not fits(need, total):
-                raise StageFailed(stage.name, f"asks for {need}, more than the whole cluster "
-                                  f"has ({_show(total)}); it would wait forever")  # fmt: skip
+                grows = " may grow to" if self.wiring.cluster_max else " has"
+                raise StageFailed(stage.name, f"asks for {need}, more than the whole cluster"
+                                  f"{grows} ({_show(total)}); it would wait forever")  # fmt: skip
         running: dict[Future[str], StagePlan] = {}
         with ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix=job.id) as pool:
             try:
@@ -188,7 +202,7 @@ class StageGraph:
             on.group = pool.take(shape_of(stage), adopted if attempt == 0 else None)
             try:
                 return run_stage(self.wiring.store, pool, on.group, run, self.lease,
-                                 self._should_stop)  # fmt: skip
+                                 self._should_stop, self.wiring.group_start_timeout_s)  # fmt: skip
             except Stalled as stalled:
                 if attempt == retries:
                     raise
