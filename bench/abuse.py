@@ -12,13 +12,9 @@ dispatcher processes during the case (sampled from /proc every 50 ms) and at the
 import argparse
 import io
 import json
-import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -33,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shared.store import JobStore, connect  # noqa: E402
+from stack import Stack, running_stack  # noqa: E402
 
 DIGITS = {"kind": "autoencoder", "name": "digits", "data": {"dataset": "digits"},
           "model": {"arch": "dense", "hidden": [32], "latent_dim": 8},
@@ -44,26 +40,7 @@ DIVERGING = {"kind": "autoencoder", "name": "diverges", "data": {"dataset": "swi
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 # -- memory of the stack's processes ----------------------------------------------------------
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
 def status_kib(pid: int, field: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -101,54 +78,14 @@ class MemoryWatch:
             thread.join()
 
 
-# -- the stack ----------------------------------------------------------------------------------
-class Stack:
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "AETRAIN_HOME": str(home), "AETRAIN_AUTH": "on",
-                    "RAY_AUTH_MODE": "token"}  # fmt: skip
-        self.env.pop("AETRAIN_REDIS_URL", None)
-        self.env.pop("RAY_ADDRESS", None)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "up", "--port", str(self.port)],
-            env=self.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError("aetrain up did not become ready in 240 s")
-        self.redis_url = (home / "redis.url").read_text().strip()
-        self.store = JobStore(connect(self.redis_url))
-        self.pids = {}
-        for pid in children(self.process.pid):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            role = {b"api": "api", b"worker": "dispatcher"}.get(cmdline[3] if len(cmdline) > 3
-                                                                 else b"")  # fmt: skip
-            if role:
-                self.pids[role] = pid
-
-    def key(self, tenant: str, max_priority: int = 4) -> str:
-        made = subprocess.run(
-            [sys.executable, "-m", "service.cli", "keys", "create", "--tenant", tenant,
-             "--max-priority", str(max_priority)],
-            env=self.env, cwd=REPO, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        return made.stdout.strip().splitlines()[-1]
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+# -- the stack (bench/stack.py) -------------------------------------------------------------------
+def create_key(stack: Stack, tenant: str, max_priority: int = 4) -> str:
+    made = subprocess.run(
+        [sys.executable, "-m", "service.cli", "keys", "create", "--tenant", tenant,
+         "--max-priority", str(max_priority)],
+        env=stack.env, cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return made.stdout.strip().splitlines()[-1]
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -311,7 +248,7 @@ def many_streams(stack: Stack, keys: dict[str, str]) -> str:
 
 
 def revoked_stream(stack: Stack, keys: dict[str, str]) -> str:
-    key = stack.key("mallory")
+    key = create_key(stack, "mallory")
     with httpx.Client(base_url=stack.url, headers=bearer(key), timeout=60) as http:
         job_id = http.post("/v1/jobs", json={**DIGITS, "training": {"epochs": 5000}}).json()["id"]
         with http.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
@@ -397,12 +334,12 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary home")
     parser.add_argument("--only", nargs="*", help="run only these cases")
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="aetrain-abuse-"))
-    print(f"aetrain up with auth on in {home} ...", flush=True)
-    stack = Stack(home)
-    try:
-        keys = {tenant: stack.key(tenant) for tenant in ("alice", "bob", "carol")}
-        watch = MemoryWatch(stack.pids)
+    with running_stack(auth="on", keep=args.keep, prefix="aetrain-abuse-") as stack:
+        print(f"aetrain up with auth on in {stack.home}", flush=True)
+        keys = {tenant: create_key(stack, tenant) for tenant in ("alice", "bob", "carol")}
+        running = stack.pids
+        pids = {role: running[role] for role in ("api", "dispatcher")}
+        watch = MemoryWatch(pids)
         for case in CASES:
             if args.only and case.__name__ not in args.only:
                 continue
@@ -417,12 +354,8 @@ def main() -> None:
             print(f"{case.__name__:22s} {seconds:6.1f} s  peak RSS: {memory}  | {line}",
                   flush=True)  # fmt: skip
         hwm = "  ".join(f"{name} {status_kib(pid, 'VmHWM') / 1024:.0f} MiB"
-                        for name, pid in stack.pids.items())  # fmt: skip
+                        for name, pid in pids.items())  # fmt: skip
         print(f"{'high-water marks':22s} {hwm}")
-    finally:
-        stack.stop()
-        if not args.keep:
-            shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

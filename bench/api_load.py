@@ -40,7 +40,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,11 +57,13 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from stack import Stack, free_port, running_stack  # noqa: E402
+
 from shared.errors import InvalidTransition, JobNotFound  # noqa: E402
 from shared.jobs import JobRecord, JobState, advance, new_job_id  # noqa: E402
 from shared.quotas import Quotas, estimate_job_bytes, job_item  # noqa: E402
 from shared.specs import parse_job_spec  # noqa: E402
-from shared.store import JobStore, connect  # noqa: E402
+from shared.store import JobStore  # noqa: E402
 
 TENANT = "default"  # the tenant of every request with auth off
 # Tiny, and failed by the dispatcher as soon as it claims it: 4,096 CPUs fit no cluster here.
@@ -75,13 +76,6 @@ TARGETS = {"submit_rate": 500, "submit_p99_ms": 50, "read_rate": 2000}
 ISSUE_SUBMIT_RATE = 122
 ISSUE_BEFORE = "122 submissions/s (p50 60 ms, p99 149 ms), 286 reads/s (p50 27 ms); Ray Jobs ~19/s"
 SAMPLES = 20  # per timing in the scale part
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -148,72 +142,25 @@ def show_cpu(used: dict[str, float]) -> str:
     return "CPU cores used: " + ", ".join(f"{name} {cores:.2f}" for name, cores in used.items())
 
 
-# -- the stack ----------------------------------------------------------------------------------
-class Stack:
-    """`aetrain up` with auth off in `home`, the per-tenant limits out of the way."""
+# -- the stack (bench/stack.py) -------------------------------------------------------------------
+def cpu_watch(stack: Stack) -> CpuWatch:
+    dispatcher = stack.pids["dispatcher"]
+    return CpuWatch({
+        "api": lambda: [stack.pids["api"]],
+        "redis": lambda: [stack.pids["redis"]],
+        "dispatcher + its Ray": lambda: [dispatcher, *descendants(dispatcher)],
+    })  # fmt: skip
 
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, **LIMITS, "AETRAIN_HOME": str(home), "AETRAIN_AUTH": "off",
-               "RAY_AUTH_MODE": "token"}  # fmt: skip
-        env.pop("AETRAIN_REDIS_URL", None)
-        env.pop("RAY_ADDRESS", None)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "up", "--host", "127.0.0.1", "--port",
-             str(self.port)],
-            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 240
-        while not self._ready():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(f"aetrain up did not become ready; see {home}/logs")
-            time.sleep(0.5)
-        self.redis_url = (home / "redis.url").read_text().strip()
-        self.store = JobStore(connect(self.redis_url))
-        self.pids: dict[str, int] = {}
-        for pid in descendants(self.process.pid):
-            if parent_of(pid) != self.process.pid:
-                continue
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"redis-server" in argv[0]:  # it rewrites its title: "redis-server host:port"
-                self.pids["redis"] = pid
-            elif b"api" in argv:
-                self.pids["api"] = pid
-            elif b"worker" in argv:
-                self.pids["dispatcher"] = pid
 
-    def _ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def cpu_watch(self) -> CpuWatch:
-        dispatcher = self.pids["dispatcher"]
-        return CpuWatch({
-            "api": lambda: [self.pids["api"]],
-            "redis": lambda: [self.pids["redis"]],
-            "dispatcher + its Ray": lambda: [dispatcher, *descendants(dispatcher)],
-        })  # fmt: skip
-
-    @contextmanager
-    def dispatcher_paused(self) -> Iterator[None]:
-        """SIGSTOP the dispatcher, so that a claim made here is not raced by it."""
-        os.kill(self.pids["dispatcher"], signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            os.kill(self.pids["dispatcher"], signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+@contextmanager
+def dispatcher_paused(stack: Stack) -> Iterator[None]:
+    """SIGSTOP the dispatcher, so that a claim made here is not raced by it."""
+    dispatcher = stack.pids["dispatcher"]
+    os.kill(dispatcher, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(dispatcher, signal.SIGCONT)
 
 
 # -- timed load from N threads ------------------------------------------------------------------
@@ -545,7 +492,7 @@ def time_scale(stack: Stack, http: httpx.Client) -> dict[str, tuple[list[float],
 
     quotas, nbytes = Quotas(store.redis, store.keys, 2**60), estimate_job_bytes(spec)
     claim_s, busy_claim_s, charge_s = [], [], []
-    with stack.dispatcher_paused():
+    with dispatcher_paused(stack):
         for _ in range(SAMPLES):  # with no other job running, as an idle dispatcher claims
             claim, seconds = claim_one()
             claim_s.append(seconds)
@@ -749,15 +696,10 @@ def main() -> None:
         "at the start (the machine may be shared with other work: figures vary)"
     )
     print(f"the issue's 'before': {ISSUE_BEFORE}")
-    home = Path(tempfile.mkdtemp(prefix="aetrain-load-"))
-    print(f"aetrain up (auth off) in {home} ...", flush=True)
-    stack = Stack(home)
-    try:
+    # Auth off, the per-tenant limits out of the way.
+    with running_stack(env=LIMITS, keep=args.keep, prefix="aetrain-load-") as stack:
+        print(f"aetrain up (auth off) in {stack.home}", flush=True)
         submit_rate = run_stack_parts(stack, args)
-    finally:
-        stack.stop()
-        if not args.keep:
-            shutil.rmtree(home, ignore_errors=True)
     print(
         "\nRay Jobs: a `ray start --head` with its dashboard, after `aetrain up` stopped",
         flush=True,
@@ -773,7 +715,7 @@ def main() -> None:
 
 def run_stack_parts(stack: Stack, args: argparse.Namespace) -> float:
     """Every part that needs the stack; returns the submissions/s."""
-    watch, api = stack.cpu_watch(), stack.pids["api"]
+    watch, api = cpu_watch(stack), stack.pids["api"]
     with watch.phase() as cpu, spied(args.py_spy, api, args.seconds) as spy:
         submits, ids = submit_load(stack, args.clients, args.seconds)
     print(submits.line(f"POST /v1/jobs, {args.clients} clients"))

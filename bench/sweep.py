@@ -108,9 +108,10 @@ def main() -> None:
         stack.submit_and_wait(load_example("digits-dense.yaml"))
         for i in range(args.runs):
             sweep = run_sweep(stack, specs)
-            bare_s, bare = run_bare(specs)
+            bare = run_bare(specs)
             sweeps.append(sweep)
-            bares.append((bare_s, sum(bare["in_epochs"])))
+            bare_s = bare["total"]
+            bares.append((bare_s, bare["in_epochs"]))
             print(f"  run {i + 1}: service {sweep['wall']:.2f} s (POSTs took "
                   f"{sweep['posting']:.2f} s, at most {sweep['most_at_once']} jobs running at "
                   f"once, in epochs {sweep['in_epochs']:.2f} s, start_seconds "
