@@ -75,6 +75,7 @@ class Dispatcher:
         # wait on (see workers.processes.parent_death_env).
         threadpool_limits(limits=1)
         self._running: dict[str, threading.Thread] = {}
+        self._trained: set[str] = set()  # running jobs past their last stage: finalizing
         self._lock = threading.Lock()
         self._complained_at = -1e9
 
@@ -156,7 +157,7 @@ class Dispatcher:
         if not self._running:
             return True
         try:
-            if set(self._running) - self.store.scheduler.asking_jobs():
+            if set(self._running) - self._trained - self.store.scheduler.asking_jobs():
                 return False  # a job just claimed has not asked for its resources yet
             used, waiting = self.store.scheduler.reserved()
             size = cluster_size(ray.cluster_resources(), self.cluster_max)
@@ -193,8 +194,11 @@ class Dispatcher:
         job = claim.job
         log.info("job %s: attempt %d (token %d)", job.id, job.attempts, claim.token)
         lease = LeaseKeeper(self.store, job.id, claim.token, self.lease_ttl_s)
-        with lease:
-            return self._execute(claim, lease)
+        try:
+            with lease:
+                return self._execute(claim, lease)
+        finally:
+            self._trained.discard(job.id)
 
     def _execute(self, claim: Claim, lease: LeaseKeeper) -> JobRecord | None:
         job = claim.job
@@ -204,6 +208,7 @@ class Dispatcher:
         try:
             pause_at("claimed", job.id)
             checkpoints = graph.run()
+            self._trained.add(job.id)  # its pictures and artifacts need no cluster resources
             pause_at("finalizing", job.id)
             started = time.monotonic()
             result = self._finalize(claim, lease, checkpoints, graph.seconds)
