@@ -129,6 +129,14 @@ def group_pool(shared_pool: "GroupPool") -> "GroupPool":
 
 @pytest.fixture
 def empty_group_pool(shared_pool: "GroupPool") -> "GroupPool":
-    """The shared pool without idle groups: for a test that counts or kills worker processes."""
+    """The shared pool without idle groups: for a test that counts or kills worker processes
+    (Ray ends a retired group's workers a moment after its driver)."""
     shared_pool.retire_idle()
+    deadline = time.monotonic() + 30
+    while any("RayTrainWorker" in line for line in _processes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return shared_pool
+
+
+def _processes() -> list[str]:
+    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()

@@ -99,8 +99,9 @@ def test_a_kept_warm_group_trains_the_first_job_and_makes_way_for_a_bigger_stage
 ) -> None:
     assert ray.cluster_resources()["CPU"] == 2
     dispatcher = start_dispatcher(warm_groups=1, warm_idle_s=1.0)
-    wait_for(lambda: dispatcher.pool.idle_count() == 1 and train_worker_pids(), 90,
-             "a group started with no job")  # fmt: skip
+    wait_for(lambda: dispatcher.pool.idle_count() == 1
+             and all(g.channel.is_ready() for g in dispatcher.pool.groups.values())
+             and len(train_worker_pids()) == 1, 90, "a group started with no job")  # fmt: skip
     assert list(store.scheduler.holds().values()) == [{"CPU": 1.0}]
     (warm,) = train_worker_pids()
 
