@@ -12,6 +12,9 @@ now refused in milliseconds; an accepted one streams in a few MiB.
 A file is accepted only whole: the upload lands in a temporary file that is removed whatever
 happens, and the dataset is written to its content-addressed place only once it passed every
 check, so a rejected upload leaves nothing behind.
+
+The body is the file's raw bytes, or a multipart/form-data form whose file part streams into
+the same capped, hashed temporary file (service/upload_form.py).
 """
 
 import hashlib
@@ -60,23 +63,43 @@ class ReceivedFile:
     size: int
 
 
+class Sink:
+    """A temporary file in `folder` that takes an upload's bytes, hashing them; UploadTooLarge
+    past `max_bytes`. `finish()` gives the file; `discard()` removes it."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{uuid.uuid4().hex}.part"
+        self.max_bytes = max_bytes
+        self.digest, self.size = hashlib.sha256(), 0
+        self.out = open(self.path, "wb")  # closed by finish() or discard()
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise UploadTooLarge(self.max_bytes)
+        self.digest.update(chunk)
+        self.out.write(chunk)
+
+    def finish(self) -> ReceivedFile:
+        self.out.close()
+        return ReceivedFile(self.path, self.digest.hexdigest(), self.size)
+
+    def discard(self) -> None:
+        self.out.close()
+        self.path.unlink(missing_ok=True)
+
+
 async def receive(chunks: AsyncIterator[bytes], folder: Path, max_bytes: int) -> ReceivedFile:
     """Write the body to a temporary file in `folder`, hashing it; stop past `max_bytes`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{uuid.uuid4().hex}.part"
-    digest, size = hashlib.sha256(), 0
+    sink = Sink(folder, max_bytes)
     try:
-        with open(path, "wb") as out:
-            async for chunk in chunks:
-                size += len(chunk)
-                if size > max_bytes:
-                    raise UploadTooLarge(max_bytes)
-                digest.update(chunk)
-                out.write(chunk)
+        async for chunk in chunks:
+            sink.write(chunk)
     except BaseException:
-        path.unlink(missing_ok=True)
+        sink.discard()
         raise
-    return ReceivedFile(path, digest.hexdigest(), size)
+    return sink.finish()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""/v1/datasets: upload a dataset (.npy or .npz, raw bytes), list, describe and delete uploads."""
+"""/v1/datasets: upload a dataset (.npy or .npz, raw bytes or a multipart form), list, describe
+and delete uploads."""
 
 from datetime import UTC, datetime
 from typing import Annotated
@@ -8,6 +9,13 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from service.deps import StorageDep, StoreDep, TenantDep
+from service.upload_form import (
+    DATASET_NAME,
+    FORM_OVERHEAD_BYTES,
+    MAX_NAME_CHARS,
+    form_boundary,
+    receive_form,
+)
 from service.uploads import ReceivedFile, receive, store_upload
 from shared.datasets import DatasetFacts, DatasetInfo, dataset_id
 from shared.errors import DatasetInvalid, QuotaExceeded, UploadTooLarge
@@ -18,10 +26,27 @@ from shared.store import JobStore
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
+_BINARY = {"type": "string", "format": "binary"}
 _FILE_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "content": {
+            "application/octet-stream": {"schema": _BINARY},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": _BINARY,
+                        "name": {
+                            "type": "string",
+                            "maxLength": MAX_NAME_CHARS,
+                            "pattern": DATASET_NAME.pattern,
+                        },
+                    },
+                    "required": ["file"],
+                }
+            },
+        },
     }
 }
 
@@ -38,25 +63,38 @@ async def upload_dataset(
     storage: StorageDep,
     tenant: TenantDep,
     response: Response,
-    name: Annotated[str, Query(max_length=100, pattern=r"^[A-Za-z0-9_.\- ]*$")] = "",
+    name: Annotated[str, Query(max_length=MAX_NAME_CHARS, pattern=DATASET_NAME.pattern)] = "",
 ) -> DatasetInfo:
-    """Upload an .npy (x) or .npz (x, optional integer labels y) as the raw request body.
+    """Upload an .npy (x) or .npz (x, optional integer labels y): the raw request body, or a
+    multipart/form-data form with one file part and optionally a `name` field.
 
-    The same bytes give the same id (200 the second time); bytes already stored, by anyone,
-    are indexed without being parsed again. x may be (n, features), or images (n, h, w) /
-    (n, c, h, w) for the conv architecture; it is stored as float32, and
+    The same bytes give the same id (200 the second time), whichever way they came; bytes
+    already stored, by anyone, are indexed without being parsed again. x may be (n, features),
+    or images (n, h, w) / (n, c, h, w) for the conv architecture; it is stored as float32, and
     AETRAIN_MAX_DATASET_BYTES caps x as float32 plus y as int64 (422 naming the array).
     """
     settings = request.app.state.settings
-    if request.headers.get("content-type", "").startswith("multipart/"):
-        raise DatasetInvalid("file", "send the file's raw bytes (curl --data-binary @file.npz), "
-                             "not a multipart form")  # fmt: skip
+    content_type = request.headers.get("content-type", "")
+    # A form's file may take the whole cap: its boundaries and part headers come on top.
+    is_form = content_type.lower().startswith("multipart/")
+    boundary = form_boundary(content_type) if is_form else None
+    body_cap = settings.max_upload_bytes + (FORM_OVERHEAD_BYTES if boundary else 0)
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
+    if declared and declared.isdigit() and int(declared) > body_cap:
         raise UploadTooLarge(settings.max_upload_bytes)
     quotas = quotas_of(store, settings)
     quotas.require_free_disk(storage.free_bytes(), "the upload")
-    received = await receive(request.stream(), storage.incoming, settings.max_upload_bytes)
+    if boundary is None:
+        received = await receive(request.stream(), storage.incoming, settings.max_upload_bytes)
+    else:
+        form = await receive_form(request.stream(), boundary, storage.incoming,
+                                  settings.max_upload_bytes)  # fmt: skip
+        received = form.file
+        if form.name and name and form.name != name:
+            received.path.unlink(missing_ok=True)
+            raise DatasetInvalid("name", "given twice, as a query parameter and a form field, "
+                                 "with different values")  # fmt: skip
+        name = name or form.name
     try:
         info, created = await run_in_threadpool(
             _store_upload, store, storage, quotas, tenant, received, name,
