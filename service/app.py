@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from service.errors import install_error_handlers
 from service.event_hub import EventHub
@@ -12,6 +13,12 @@ from service.routes import datasets, events, health, jobs
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore, connect
+
+
+def operation_id(route: APIRoute) -> str:
+    """The route function's name (`submit_job`), not FastAPI's `submit_job_v1_jobs_post`: the
+    name a generated client gives its methods, so it must be one a person would write."""
+    return route.name
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -28,7 +35,8 @@ def create_app(settings: Settings) -> FastAPI:
             await hub.stop()
             client.close()
 
-    app = FastAPI(title="aetrain", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="aetrain", version="0.1.0", lifespan=lifespan,
+                  generate_unique_id_function=operation_id)  # fmt: skip
     app.state.settings = settings  # read per request by service.deps (auth on or off)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings)
