@@ -1,18 +1,18 @@
-"""The `aetrain` command line: the embedded stack, the processes one by one, and a client."""
+"""The `aetrain` command line: the embedded stack, the processes one by one, and a client
+(aetrain.Client, the Python client users import)."""
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.client import ApiError, Client
+from aetrain import ApiError, Client, Job, SpecFileError
+from aetrain.spec_file import read_spec
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -22,7 +22,6 @@ app = typer.Typer(help="aetrain: train autoencoders as jobs.", no_args_is_help=T
 console = Console()
 err = Console(stderr=True)
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
 UrlOpt = Annotated[str, typer.Option("--url", envvar="AETRAIN_URL", help="API address")]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -97,18 +96,9 @@ def worker() -> None:
 # -- client --------------------------------------------------------------------------------------
 def load_spec(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise _fail(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise _fail(
-            f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"
-        ) from None
-    if not isinstance(spec, dict):
-        raise _fail(f"{path}: a job spec is a mapping (kind, data, model, ...)")
-    return spec
+        return read_spec(path)
+    except SpecFileError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()
@@ -121,19 +111,22 @@ def submit(
     """Submit a job; prints its id (with --wait, a progress bar until it ends)."""
     client = _client(url)
     try:
-        job = client.submit(load_spec(spec_file), idempotency_key)
+        job = client.submit(load_spec(spec_file), idempotency_key=idempotency_key)
     except ApiError as exc:
         raise _fail(str(exc)) from None
     console.print(job["id"])
     if wait:
-        final = follow(client, job)
+        try:
+            final = follow(client, job)
+        except ApiError as exc:  # the outages are waited out; this is a 404 or a 401
+            raise _fail(str(exc)) from None
         show_job(final)
         if final["state"] != "succeeded":
             raise typer.Exit(1)
 
 
-def follow(client: Client, job: dict[str, Any]) -> dict[str, Any]:
-    """Poll the job until it ends, with one progress bar per stage."""
+def follow(client: Client, job: Job) -> Job:
+    """Wait for the job to end, with one progress bar per stage."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -148,13 +141,8 @@ def follow(client: Client, job: dict[str, Any]) -> dict[str, Any]:
             )  # fmt: skip
             for stage in job["stages"]
         }
-        while True:
-            try:
-                job = client.get(job["id"])
-            except ApiError as exc:
-                progress.console.print(f"retrying: {exc}")
-                time.sleep(2)
-                continue
+
+        def show(job: Job) -> None:
             for stage in job["stages"]:
                 done = 0 if stage["epoch"] is None else stage["epoch"] + 1
                 if stage["state"] == "succeeded":
@@ -164,12 +152,14 @@ def follow(client: Client, job: dict[str, Any]) -> dict[str, Any]:
                 shown = f"val {loss:.5f}" if loss is not None else ""
                 progress.update(bars[stage["name"]], completed=done, metrics=shown,
                                 description=f"{stage['name']} {stage['state']}")  # fmt: skip
-            if job["state"] in TERMINAL:
-                return job
-            time.sleep(1.0)
+
+        def retrying(exc: ApiError) -> None:
+            progress.console.print(f"retrying: {exc}")
+
+        return client.wait(job["id"], callback=show, on_retry=retrying)
 
 
-def show_job(job: dict[str, Any]) -> None:
+def show_job(job: Job) -> None:
     table = Table(show_header=False, box=None)
     for key in (
         "id",
@@ -262,11 +252,12 @@ def pull(
 ) -> None:
     """Download a finished job's encoder."""
     try:
-        data = _client(url).encoder(job_id, format)
+        written = _client(url).download_encoder(job_id, output, format)
     except ApiError as exc:
         raise _fail(str(exc)) from None
-    output.write_bytes(data)
-    console.print(f"wrote {output} ({len(data):,} bytes, {format})")
+    except OSError as exc:
+        raise _fail(f"cannot write {output}: {exc.strerror}") from None
+    console.print(f"wrote {written} ({written.stat().st_size:,} bytes, {format})")
 
 
 # -- API keys (straight to Redis: whoever can reach Redis is an operator) -----------------------
