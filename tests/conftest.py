@@ -107,12 +107,14 @@ def ray_address() -> Iterator[str]:
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shared_pool(redis_url: str, ray_address: str) -> Iterator["GroupPool"]:
-    """Warm worker groups shared by the tests' dispatchers, as a dispatcher keeps its own.
+    """Warm worker groups shared by the dispatchers of one test module, as a dispatcher keeps
+    its own.
 
     A group takes ~10 s to start here; most tests need one that has trained something
-    before, not a new one. A lapsed hold (each test empties Redis) is taken again.
+    before, not a new one. A lapsed hold (each test empties Redis) is taken again. Closed
+    with the module, so no other module finds its groups' keys or holds in Redis.
     """
     from workers.group_pool import GroupPool, PoolSettings  # Ray: only for the tests on it
 
