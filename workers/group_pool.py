@@ -205,6 +205,8 @@ class GroupPool:
 
     def maintain(self) -> None:
         with self._lock:
+            if not self.groups and not self.settings.keep_warm:
+                return  # nothing to beat, renew or start: no Redis calls from an idle pool
             groups = list(self.groups.values())
             for group in groups:
                 group.channel.beat(self.settings.heartbeat_timeout_s)
