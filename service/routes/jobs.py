@@ -203,7 +203,9 @@ def _download(path: Path, filename: str) -> FileResponse:
 
 
 @router.get(
-    "/{job_id}/artifacts/{name}",
+    # `:path`: an event file's name has folders (tensorboard/<stage>/...). Only names in the
+    # job's own list are served (Storage.artifact_path), so a `..` in one reaches nothing.
+    "/{job_id}/artifacts/{name:path}",
     response_class=FileResponse,
     responses={
         200: {
@@ -218,7 +220,8 @@ def _download(path: Path, filename: str) -> FileResponse:
 def get_artifact(
     job_id: str, name: str, store: StoreDep, storage: StorageDep, tenant: TenantDep
 ) -> FileResponse:
-    """One artifact, by a name from the job's artifact list."""
+    """One artifact, by a name from the job's artifact list (some have folders: the
+    TensorBoard event files are `tensorboard/<stage>/events.out.tfevents.<stage>`)."""
     path = storage.artifact_path(store.get(job_id, tenant), name)
     return _download(path, path.name)
 
