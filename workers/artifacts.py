@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,10 @@ from torch import nn
 
 from shared.specs import DenoisingSpec, ObjectiveSpec
 from workers.data import Split
-from workers.figures import save_latent, save_reconstructions
+from workers.figures import save_curves, save_latent, save_reconstructions
 from workers.models import Autoencoder, ExportedAutoencoder, NormalizedEncoder
 from workers.objectives import corrupt, evaluate_reconstruction, jacobian_frobenius
+from workers.tensorboard_events import event_files
 
 SHOWN_SAMPLES = 10
 NEAR_ZERO = 0.05
@@ -95,6 +97,17 @@ class ArtifactWriter:
     def jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
         self._text(name, "".join(json.dumps(row) + "\n" for row in rows))
 
+    def curves(self, history: list[dict[str, Any]], stages: Sequence[str]) -> None:
+        """curves.png: train and validation metrics per epoch, a panel per stage."""
+        save_curves(self._path("curves.png"), history, stages)
+
+    def tensorboard(
+        self, history: list[dict[str, Any]], started: Mapping[str, float] | None = None
+    ) -> None:
+        """tensorboard/<stage>/events.out.tfevents.<stage>: the same metrics for TensorBoard."""
+        for name, data in event_files(history, started).items():
+            self._bytes(name, data)
+
     def result(self, job_id: str, metrics: dict[str, Any]) -> list[str]:
         """result.json, written last; returns every artifact name."""
         self.names.append("result.json")
@@ -104,10 +117,15 @@ class ArtifactWriter:
 
     def _path(self, name: str) -> Path:
         self.names.append(name)
-        return self.folder / name
+        path = self.folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)  # the event files have a folder each
+        return path
 
     def _text(self, name: str, text: str, register: bool = True) -> None:
+        self._bytes(name, text.encode(), register)
+
+    def _bytes(self, name: str, data: bytes, register: bool = True) -> None:
         path = self._path(name) if register else self.folder / name
         tmp = path.with_suffix(path.suffix + ".tmp")  # a reader never sees half a file
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)

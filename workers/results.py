@@ -63,6 +63,9 @@ def finalize(
         "input": "raw features: the exported modules include the normalization",
     })  # fmt: skip
     writer.jsonl("metrics.jsonl", [json_safe(row) for row in history])
+    writer.curves(history, [stage.name for stage in job.stages])
+    writer.tensorboard(history, {stage.name: stage.started_at.timestamp()
+                                 for stage in job.stages if stage.started_at})  # fmt: skip
     metrics.update(timings)
     if timings["train_seconds"] > 0 and isinstance(spec, AutoencoderSpec):
         epochs = sum(1 for m in history if m["stage"] == "train")

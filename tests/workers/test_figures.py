@@ -12,13 +12,17 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 
 from workers.figures import (
+    CURVE_INCHES,
     DPI,
     LABEL_INCHES,
     MAX_COLUMNS,
     MAX_ROWS,
     PANEL_INCHES,
+    curves_figure,
+    save_curves,
     save_latent,
     save_reconstructions,
 )
@@ -115,9 +119,78 @@ def test_no_module_of_the_service_or_the_workers_imports_pyplot() -> None:
     # And at run time: drawing every picture loads no pyplot (whose state threads would share).
     code = (
         "import sys, io, numpy as np\n"
-        "from workers.figures import save_latent, save_reconstructions\n"
+        "from workers.figures import save_curves, save_latent, save_reconstructions\n"
         "save_reconstructions(io.BytesIO(), [('x', np.zeros((3, 80)))], (80,))\n"
         "save_latent(io.BytesIO(), np.zeros((9, 3)), None)\n"
+        "save_curves(io.BytesIO(), [{'stage': 's', 'epoch': 0, 'train_loss': 1.0}])\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def epochs_of(
+    stage: str, count: int, decay: float = 2.0, **series: float
+) -> list[dict[str, object]]:
+    """A stage's metrics history as the store returns it: each series / decay every epoch."""
+    return [
+        {"stage": stage, "epoch": e, "token": 1, **{k: v / decay**e for k, v in series.items()},
+         "epoch_seconds": 0.04, "samples_per_s": 36000.0}
+        for e in range(count)
+    ]  # fmt: skip
+
+
+def drawn_lines(fig: Figure) -> dict[str, list[tuple[str, int]]]:
+    """Panel title -> (label, points) of every line on it and on its twin (accuracy) axes."""
+    # A twin has no title of its own: it has its panel's place.
+    titles = {ax.get_position().bounds: ax.get_title() for ax in fig.axes if ax.get_title()}
+    panels: dict[str, list[tuple[str, int]]] = {}
+    for ax in fig.axes:
+        lines = [
+            (str(line.get_label()), len(np.asarray(line.get_xdata()))) for line in ax.get_lines()
+        ]
+        panels.setdefault(titles[ax.get_position().bounds], []).extend(lines)
+    return panels
+
+
+def test_curves_draw_one_line_per_series_for_every_stage_in_plan_order() -> None:
+    history = [
+        *epochs_of("layer2", 12, train_loss=0.5, val_mse=0.6),
+        *epochs_of("layer1", 30, train_loss=0.4, val_mse=0.5),
+        *epochs_of("head", 5, train_loss=2.0, val_accuracy=0.01),
+    ]
+    fig = curves_figure(history, ["layer1", "layer2", "finetune", "head"])
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["layer1", "layer2", "head"]
+    assert drawn_lines(fig) == {
+        "layer1": [("train_loss", 30), ("val_mse", 30)],
+        "layer2": [("train_loss", 12), ("val_mse", 12)],
+        "head": [("train_loss", 5), ("val_accuracy", 5)],  # accuracy on its own axis
+    }
+    layer1 = fig.axes[0]
+    assert layer1.get_yscale() == "log"  # halving 30 times spans nine decades
+    assert list(np.asarray(layer1.get_lines()[1].get_ydata())) == [0.5 / 2**e for e in range(30)]
+
+    png = png_of(save_curves, history, ["layer1", "layer2", "finetune", "head"])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = pixels(png)
+    assert (width, height) == (round(3 * CURVE_INCHES[0] * DPI), round(CURVE_INCHES[1] * DPI))
+    assert 5_000 < len(png) < 300_000, len(png)
+
+
+def test_curves_of_one_flat_stage_are_linear_and_gaps_stay_gaps() -> None:
+    history = epochs_of("train", 3, train_loss=0.1, val_mse=0.1)
+    history[1]["val_mse"] = None  # a metric that was not finite reads back as None
+    fig = curves_figure(history, ["train"])
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "linear"  # 0.1 to 0.025: less than a decade
+    assert np.isnan(np.asarray(ax.get_lines()[1].get_ydata())[1])
+    one_panel = (round(CURVE_INCHES[0] * DPI), round(CURVE_INCHES[1] * DPI))
+    assert pixels(png_of(save_curves, history, ["train"])) == one_panel
+
+
+def test_curves_of_the_most_stages_and_epochs_are_bounded() -> None:
+    stages = [f"pretrain-layer{i}" for i in range(1, 9)] + ["pretrain-finetune", "head",
+                                                            "baseline"]  # fmt: skip
+    history = [row for s in stages for row in epochs_of(s, 2000, 1.001, train_loss=1, val_mse=1)]
+    png = png_of(save_curves, history, stages)
+    assert pixels(png) == (round(3 * CURVE_INCHES[0] * DPI), round(4 * CURVE_INCHES[1] * DPI))
+    assert len(png) < 1_000_000, len(png)
