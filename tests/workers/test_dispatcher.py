@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore
+from tests.conftest import train_worker_pids
 from tests.specs import digits_spec
 from workers.dispatcher import Dispatcher
 from workers.group_pool import GroupPool
@@ -84,11 +85,6 @@ def running_dispatchers(
         thread.join(timeout=60)
 
 
-def train_worker_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
-
-
 def check_finished_job(client: TestClient, job_id: str, epochs: int, tmp_path: Path) -> float:
     """Assert everything a finished job must show; returns its validation MSE."""
     job = client.get(f"/v1/jobs/{job_id}").json()
@@ -102,7 +98,7 @@ def check_finished_job(client: TestClient, job_id: str, epochs: int, tmp_path: P
     assert 0 < metrics["val_mse"] < 0.05
     assert metrics["mse_ratio_vs_pca"] < 3
     assert set(result["artifacts"]) >= {"encoder.pt", "encoder.safetensors", "model.json",
-                                        "metrics.jsonl", "result.json"}  # fmt: skip
+                                        "metrics.jsonl", "result.json", "curves.png"}  # fmt: skip
 
     lines = client.get(f"/v1/jobs/{job_id}/artifacts/metrics.jsonl").text.splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(epochs))
