@@ -90,6 +90,28 @@ def test_overcomplete_without_a_regularizer_is_accepted_with_a_warning(client: T
     assert regularized.status_code == 201 and regularized.json()["warnings"] == []
 
 
+def test_a_field_with_no_effect_is_refused_naming_it_or_a_warning_on_the_record(
+    client: TestClient, store: JobStore
+) -> None:
+    # The new user: activation applies to hidden layers only, and there are none.
+    linear_code = _with("model", {"hidden": [], "latent_dim": 16, "activation": "sigmoid"})
+    linear_code["objective"]["sparsity"] = {"type": "kl", "target": 0.05}
+    refused = client.post("/v1/jobs", json=linear_code)
+    assert refused.status_code == 422
+    (error,) = refused.json()["detail"]
+    assert error["field"] == "model.activation"  # what they wrote, not code_activation
+    assert "code_activation: sigmoid" in error["msg"]  # what to write instead
+    assert queued_messages(store) == 0
+
+    sparse_off = _with("objective.sparsity", {"type": "l1", "weight": 0})
+    accepted = client.post("/v1/jobs", json=sparse_off)
+    assert accepted.status_code == 201
+    (warning,) = accepted.json()["warnings"]
+    assert warning.startswith("objective.sparsity.weight: 0 turns the l1 penalty off")
+    record = client.get(f"/v1/jobs/{accepted.json()['id']}").json()
+    assert record["warnings"] == [warning]
+
+
 def test_every_example_spec_is_accepted(client: TestClient) -> None:
     examples = sorted(Path(__file__).resolve().parents[2].glob("examples/*.yaml"))
     assert len(examples) >= 10

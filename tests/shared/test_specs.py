@@ -1,11 +1,14 @@
-"""The job spec: the example validates, every bound is a ValidationError naming its field."""
+"""The job spec: the example validates, every bound is a ValidationError naming its field, and
+a field that the rest of the spec makes pointless is refused naming it or warned about."""
 
 import copy
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from shared.specs import (
@@ -230,3 +233,169 @@ def test_bounds_that_stop_resource_exhaustion(spec: dict[str, Any], field: str) 
     locs = [".".join(str(p) for p in e["loc"] if p not in UNION_TAGS) for e in errors]
     # a check across fields names its field at the start of its message instead
     assert field in locs or any(f"{field}:" in e["msg"] for e in errors), (locs, errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# A field that the rest of the spec makes pointless: refused naming it, or a warning
+
+
+def _one_layer(**model: Any) -> dict[str, Any]:
+    doc = example()
+    doc["model"] = {"hidden": [], "latent_dim": 16, **model}
+    return doc
+
+
+def _field_blamed(doc: object) -> str:
+    """The field a refused spec's one error names: its location, then its message's prefix."""
+    (error,) = errors_of(doc)
+    loc = [str(p) for p in error["loc"] if p not in UNION_TAGS]
+    named = error["msg"].removeprefix("Value error, ").split(":", 1)[0]
+    return ".".join([*loc, named]) if " " not in named else ".".join(loc)
+
+
+def test_an_activation_without_hidden_layers_is_refused_naming_it() -> None:
+    # The issue's new user: activation applies to hidden layers only, so this is a linear code.
+    doc = _one_layer(activation="sigmoid")
+    assert _field_blamed(doc) == "model.activation"
+    (error,) = errors_of(doc)
+    assert "code_activation: sigmoid" in error["msg"]  # what to write instead
+
+
+def test_kl_after_an_activation_without_hidden_layers_blames_the_activation_written() -> None:
+    doc = _one_layer(activation="sigmoid")
+    doc["objective"]["sparsity"] = {"type": "kl"}
+    assert _field_blamed(doc) == "model.activation"
+
+
+def test_kl_on_a_linear_code_blames_sparsity_and_says_code_activation_is_unset() -> None:
+    doc = example()  # hidden [128], activation relu, no code_activation written
+    doc["objective"]["sparsity"] = {"type": "kl"}
+    assert _field_blamed(doc) == "objective.sparsity"
+    (error,) = errors_of(doc)
+    assert "linear unless set" in error["msg"] and "code_activation: sigmoid" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"activation": "linear", "code_activation": "linear"},  # examples/digits-linear.yaml
+        {"activation": "sigmoid", "code_activation": "sigmoid"},
+        {"activation": "relu", "code_activation": "sigmoid"},  # the default, written out
+        {"code_activation": "sigmoid"},
+    ],
+)
+def test_an_activation_without_hidden_layers_that_changes_nothing_is_accepted(
+    model: dict[str, Any],
+) -> None:
+    spec = parse_job_spec(_one_layer(**model))
+    assert spec.warnings() == []
+
+
+def test_the_same_activation_check_guards_a_semisupervised_pretrain() -> None:
+    model = {"hidden": [], "latent_dim": 8, "activation": "tanh"}
+    doc = {"kind": "semisupervised", "data": {"dataset": "digits"}, "labeled_count": 100,
+           "pretrain": {"kind": "autoencoder", "model": model}}  # fmt: skip
+    assert _field_blamed(doc) == "pretrain.model.activation"
+
+
+def test_n_samples_on_a_dataset_of_its_own_size_is_refused_naming_it() -> None:
+    doc = example()
+    doc["data"]["n_samples"] = 500
+    assert _field_blamed(doc) == "data.n_samples"
+    doc["data"] = {"dataset": "swiss_roll", "n_samples": 500}
+    assert parse_job_spec(doc).data.n_samples == 500
+    doc["data"] = {"dataset": "digits", "n_samples": 2000}  # the default, written out
+    assert parse_job_spec(doc).data.dataset == "digits"
+
+
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [
+        ({"hidden": [32], "latent_dim": 8, "channels": [4]}, "model.channels"),
+        ({"latent_dim": 8, "kernel_size": 5}, "model.kernel_size"),
+        ({"arch": "conv", "hidden": [32], "latent_dim": 8}, "model.hidden"),
+        ({"arch": "conv", "latent_dim": 8, "tied": True}, "model.tied"),
+    ],
+)
+def test_a_field_of_the_other_architecture_is_refused_naming_it(
+    model: dict[str, Any], field: str
+) -> None:
+    doc = example()
+    doc["model"] = model
+    assert _field_blamed(doc) == field
+    (error,) = errors_of(doc)
+    assert "set arch:" in error["msg"]
+
+
+def test_a_zero_sparsity_weight_is_a_warning_naming_it() -> None:
+    doc = _one_layer(code_activation="sigmoid")
+    doc["objective"]["sparsity"] = {"type": "kl", "weight": 0}
+    (warning,) = parse_job_spec(doc).warnings()
+    assert warning.startswith("objective.sparsity.weight:")
+    doc["objective"]["sparsity"] = {"type": "l1", "weight": 0.001}
+    assert parse_job_spec(doc).warnings() == []
+
+
+def test_projections_of_a_closed_form_contraction_are_a_warning_naming_them() -> None:
+    doc = _one_layer(code_activation="sigmoid")  # examples/digits-contractive.yaml's encoder
+    doc["objective"]["contractive"] = {"weight": 0.1, "projections": 4}
+    (warning,) = parse_job_spec(doc).warnings()
+    assert warning.startswith("objective.contractive.projections:")
+    doc["model"]["hidden"] = [32]  # a deep encoder: the estimate uses them
+    assert parse_job_spec(doc).warnings() == []
+
+
+def test_a_stack_layers_warnings_name_the_layer() -> None:
+    doc = _stacked(2)
+    doc["layers"] = [
+        {"units": 16, "objective": {"contractive": {"projections": 3}}},  # sigmoid: closed form
+        {"units": 8, "activation": "tanh", "objective": {"contractive": {"projections": 3}}},
+    ]
+    (warning,) = parse_job_spec(doc).warnings()
+    assert warning.startswith("layers.0.objective.contractive.projections:")
+
+
+def test_kl_on_a_stack_layer_names_the_layers_activation() -> None:
+    doc = _stacked(1)
+    doc["layers"] = [{"units": 8, "activation": "relu", "objective": {"sparsity": {"type": "kl"}}}]
+    (error,) = errors_of(doc)
+    assert "layers.0.objective.sparsity:" in error["msg"]
+    assert "layers.0.activation to sigmoid" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("training", "finetune", "warned"),
+    [
+        ({"epochs": 30, "checkpoint_every": 50}, None, True),
+        ({"epochs": 30, "checkpoint_every": 30}, None, True),
+        ({"epochs": 30, "checkpoint_every": 29}, None, False),
+        ({"epochs": 3}, None, False),  # the default interval, not written: nothing to say
+        ({"epochs": 30, "checkpoint_every": 40}, {"epochs": 50}, False),  # finetune uses it
+    ],
+)
+def test_a_checkpoint_interval_past_every_stages_epochs_is_a_warning(
+    training: dict[str, Any], finetune: dict[str, Any] | None, warned: bool
+) -> None:
+    doc = {**_stacked(1), "training": training, "finetune": finetune}
+    warnings = parse_job_spec(doc).warnings()
+    assert [w.split(":")[0] for w in warnings] == (["training.checkpoint_every"] if warned else [])
+
+
+def test_pretrain_warnings_are_prefixed_with_pretrain() -> None:
+    doc = {"kind": "semisupervised", "data": {"dataset": "digits"}, "labeled_count": 100,
+           "pretrain": {"kind": "autoencoder", "model": {"latent_dim": 100},
+                        "training": {"epochs": 10, "checkpoint_every": 10}}}  # fmt: skip
+    warnings = parse_job_spec(doc).warnings()
+    assert sorted(w.split(":")[0] for w in warnings) == [
+        "pretrain.model.latent_dim",  # overcomplete, unregularized
+        "pretrain.training.checkpoint_every",
+    ]
+
+
+def test_refusals_and_warnings_survive_the_specs_round_trip() -> None:
+    # Specs are dumped whole and parsed again (uploads, workers, Redis): defaults written out
+    # must never turn into a refusal or a new warning.
+    for path in sorted(Path(__file__).resolve().parents[2].glob("examples/*.yaml")):
+        spec = parse_job_spec(yaml.safe_load(path.read_text()))
+        again = JOB_SPEC_ADAPTER.validate_json(spec.model_dump_json())
+        assert again == spec and again.warnings() == spec.warnings() == [], path.name
