@@ -3,6 +3,7 @@
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,46 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children in their own sessions too)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines()[1:]:
+        child, parent = (int(v) for v in line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def train_worker_pids() -> list[int]:
+    """This test process's Ray Train workers: those of its own Ray (the suite runs on several
+    processes, each with a Ray of its own), in the order they were started."""
+    pids = []
+    for pid in sorted(descendants(os.getpid())):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        if b"RayTrainWorker" in args:
+            pids.append(pid)
+    return pids
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ray's token for local clusters (~/.ray/auth_token) is written by the first `ray.init`
+    that finds none; the suite's processes would race to write it on a fresh machine, and a
+    cluster whose token was overwritten refuses its clients. Written once, up front."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller has done it
+        return
+    if not (Path.home() / ".ray" / "auth_token").exists():
+        ray_cli = Path(sys.executable).parent / "ray"
+        subprocess.run([ray_cli, "get-auth-token", "--generate"], check=True, capture_output=True)
 
 
 def wait_for_ping(url: str, timeout_s: float = 10.0) -> str:
@@ -135,10 +176,6 @@ def empty_group_pool(shared_pool: "GroupPool") -> "GroupPool":
     (Ray ends a retired group's workers a moment after its driver)."""
     shared_pool.retire_idle()
     deadline = time.monotonic() + 30
-    while any("RayTrainWorker" in line for line in _processes()) and time.monotonic() < deadline:
+    while train_worker_pids() and time.monotonic() < deadline:
         time.sleep(0.2)
     return shared_pool
-
-
-def _processes() -> list[str]:
-    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()

@@ -4,7 +4,6 @@
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -12,25 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import descendants, free_port
 from tests.e2e.test_up import TERMINAL, UpProcess, _example, wait_for_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children in their own sessions too)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines()[1:]:
-        child, parent = (int(v) for v in line.split())
-        children.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def child_pid(up: UpProcess, command: str) -> int:

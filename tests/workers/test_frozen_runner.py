@@ -25,8 +25,9 @@ from shared.settings import Settings
 from shared.specs import parse_job_spec
 from shared.storage import Storage
 from shared.store import JobStore
+from tests.conftest import train_worker_pids
 from tests.specs import digits_spec
-from tests.workers.test_dispatcher import train_worker_pids, wait_for
+from tests.workers.test_dispatcher import wait_for
 from workers.checkpoints import latest_valid_checkpoint, load_state
 from workers.group_pool import GroupPool
 

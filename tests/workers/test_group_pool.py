@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore
+from tests.conftest import train_worker_pids
 from tests.specs import digits_spec
-from tests.workers.test_dispatcher import train_worker_pids, wait_for, wait_until_ended
+from tests.workers.test_dispatcher import wait_for, wait_until_ended
 from workers.dispatcher import Dispatcher
 from workers.group_pool import GroupPool
 
