@@ -17,21 +17,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import ray
 import redis
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2._internal.callbacks.placement_group_callback import (
-    PlacementGroupCleanerCallback,
-)
+from ray.train.torch import TorchConfig
 
 from shared.group_channel import GroupChannel, GroupConfig
 from shared.redis_keys import Keys
 from shared.store import connect
-from workers.group_loop import group_loop_per_worker
 from workers.processes import die_with_parent_from_env
+from workers.stage_trainer import StageTrainer, group_loop_entry
 
 RAY_ENV = {
     # Ray Train V2 polls its workers every 2 s by default: a dead rank was seen late.
@@ -43,23 +39,6 @@ RAY_ENV = {
 
 HEARTBEAT_CHECK_S = 1.0
 ORPHANED_EXIT = 4
-
-
-class StageTrainer(TorchTrainer):
-    """TorchTrainer without Ray's PlacementGroupCleaner.
-
-    The cleaner is a detached actor that removes a run's placement group if its controller
-    dies; here the whole Ray job dies with this process and takes its placement groups with
-    it. Without a dashboard the cleaner cannot reach the state API, and stopping it waited
-    ~12 s at the end of every run.
-    """
-
-    def _create_default_callbacks(self) -> list[Any]:
-        return [
-            callback
-            for callback in super()._create_default_callbacks()
-            if not isinstance(callback, PlacementGroupCleanerCallback)
-        ]
 
 
 def end_when_orphaned(config: GroupConfig) -> None:
@@ -94,7 +73,7 @@ def run(config: GroupConfig) -> None:
     shape = config.shape
     ray.init(address=config.ray_address, runtime_env={"env_vars": RAY_ENV})
     trainer = StageTrainer(
-        group_loop_per_worker,
+        group_loop_entry,
         train_loop_config=config.model_dump(mode="json"),
         # A rank that hangs (SIGSTOP, a dead NIC) is caught by the dispatcher's progress
         # deadline, which kills the group; the collective timeout is the backstop.
