@@ -40,6 +40,7 @@ class Job(TypedDict):
     stages: list[Stage]
     warnings: list[str]
     error: str | None
+    error_tail: str | None  # the last lines of the failing stage's log (its traceback)
     attempts: int
     takeovers: int
     cancel_requested: bool

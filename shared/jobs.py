@@ -112,6 +112,10 @@ class JobRecord(BaseModel):
     stages: list[StageRecord] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     error: str | None = None
+    error_tail: str | None = Field(
+        default=None,
+        description="the last lines (at most 20, 4 KiB) of the failing stage's log: its traceback",
+    )
     attempts: int = Field(default=0, description="how many runs were started (takeovers count)")
     takeovers: int = Field(default=0, description="runs that ended with their runner lost")
     cancel_requested: bool = False

@@ -1,5 +1,6 @@
 """Runs one stage on a warm worker group and watches lease, cancel, progress and the group."""
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import redis
 from shared.claims import Claim
 from shared.errors import LeaseLost, TrainingFailed
 from shared.group_channel import StageOutcome
+from shared.jobs import JobRecord
 from shared.store import JobStore
 from workers.group_pool import GroupPool, WarmGroup
 from workers.lease import LeaseKeeper
@@ -136,7 +138,9 @@ def run_stage(
     try:
         while (outcome := _read_outcome(group, task.seq)) is None:
             if not group.alive:
-                tail = group.log_tail().strip().splitlines()
+                group_log = group.log_tail()
+                keep_error_tail(store, lease, run, group_log)
+                tail = group_log.strip().splitlines()
                 raise TrainingFailed(f"its worker group exited ({group.process.returncode})"
                                      + (f": {tail[-1]}" if tail else ""))  # fmt: skip
             time.sleep(_POLL_S)
@@ -169,8 +173,48 @@ def run_stage(
     if outcome.diverged_at is not None:
         raise Diverged(outcome.error or "diverged")
     if outcome.error is not None:
+        keep_error_tail(store, lease, run, file_tail(run.task_fields.get("log_path")))
         raise TrainingFailed(outcome.error)
     return outcome
+
+
+ERROR_TAIL_LINES = 20
+ERROR_TAIL_BYTES = 4096
+
+
+def keep_error_tail(store: JobStore, lease: LeaseKeeper, run: StageRun, log: str) -> None:
+    """Put the last lines of the failing stage's log (its traceback) on the job record, as
+    `error_tail`: whoever reads the record sees why, without reaching the storage."""
+    tail = last_lines(log)
+    if not tail:
+        return
+    job_id, token = run.claim.job.id, run.claim.token
+
+    def change(job: JobRecord) -> JobRecord:
+        return job.model_copy(update={"error_tail": tail})
+
+    try:
+        lease.retry(lambda: store.update(job_id, token, change), "keep the error's tail")
+    except (LeaseLost, redis.RedisError):
+        pass  # the failure itself is recorded all the same; its tail only helps to read it
+
+
+def last_lines(text: str, lines: int = ERROR_TAIL_LINES, max_bytes: int = ERROR_TAIL_BYTES) -> str:
+    """The last `lines` lines of `text`, and of those at most the last `max_bytes` (UTF-8)."""
+    tail = "\n".join(text.strip().splitlines()[-lines:]).encode()[-max_bytes:]
+    return tail.decode(errors="ignore")
+
+
+def file_tail(path: str | None, limit: int = 2 * ERROR_TAIL_BYTES) -> str:
+    """The end of a log file, at most `limit` bytes; "" when there is none."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as file:
+            file.seek(max(0, os.fstat(file.fileno()).st_size - limit))
+            return file.read(limit).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _is_ready(group: WarmGroup) -> bool:
