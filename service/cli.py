@@ -74,15 +74,18 @@ def api(
     import uvicorn
 
     from service.app import create_app
+    from shared.logs import configure_logging
 
     settings = Settings()
     if not settings.redis_url:
         raise _fail("AETRAIN_REDIS_URL is not set")
     if settings.auth == "off":
         warn_if_exposed(host)
+    configure_logging(settings.log_format, settings.log_level)
     # Open event streams would hold a shutdown until their jobs end: give them 5 s.
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=5)  # fmt: skip
+    # log_config=None: uvicorn's lines go through the handler above, not handlers of its own.
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)  # fmt: skip
 
 
 @app.command()

@@ -4,8 +4,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.logs import LogFormat
 
 
 class Settings(BaseSettings):
@@ -71,6 +73,16 @@ class Settings(BaseSettings):
         description="a worker group not ready by then fails its stage (the cluster did not grow)",
     )  # fmt: skip
     ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
+    # -- observability (docs/observability.md) --
+    log_format: LogFormat = Field(
+        default="auto", description="log lines as `json` or `plain`; `auto`: plain on a terminal"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @property
     def extra_allowed_hosts(self) -> frozenset[str]:
