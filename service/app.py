@@ -3,12 +3,15 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 
 from service.errors import install_error_handlers
 from service.event_hub import EventHub
 from service.guards import RequestGuard
+from service.metrics import ApiMetrics
+from service.metrics import router as metrics_router
+from service.metrics_http import RequestMetrics, bind_request_log_context
 from service.routes import datasets, events, health, jobs
 from shared.settings import Settings
 from shared.storage import Storage
@@ -28,20 +31,30 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.store = JobStore(client, settings.key_prefix, settings.retention_s)
         app.state.storage = Storage(settings.storage_root)
         app.state.event_hub = hub = EventHub(settings.require_redis_url(), app.state.store.keys)
+        metrics.jobs.store = app.state.store
         await hub.start()
         try:
+            if settings.metrics_port is not None:
+                metrics.serve(settings.metrics_port, settings.metrics_host)
             yield
         finally:
+            metrics.close()
             await hub.stop()
             client.close()
 
     app = FastAPI(title="aetrain", version="0.1.0", lifespan=lifespan,
-                  generate_unique_id_function=operation_id)  # fmt: skip
+                  generate_unique_id_function=operation_id,
+                  dependencies=[Depends(bind_request_log_context)])  # fmt: skip
     app.state.settings = settings  # read per request by service.deps (auth on or off)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings)
+    # Added last, so outermost: it times the requests RequestGuard refuses too.
+    app.state.metrics = metrics = ApiMetrics()
+    app.add_middleware(RequestMetrics, histogram=metrics.requests)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(datasets.router)
+    if settings.metrics_port is None:  # else served on its own port, without a key
+        app.include_router(metrics_router)
     return app

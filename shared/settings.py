@@ -78,6 +78,19 @@ class Settings(BaseSettings):
         default="auto", description="log lines as `json` or `plain`; `auto`: plain on a terminal"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="serve the API's metrics on this port, without a key, instead of /metrics",
+    )  # fmt: skip
+    metrics_tenant: str | None = Field(
+        default=None, description="with auth on, only this tenant's keys may read /metrics"
+    )
+    dispatcher_metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="a dispatcher serves its metrics on this port"
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="bind address of the metrics ports (0.0.0.0 in a pod)"
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -17,12 +17,14 @@ from threadpoolctl import threadpool_limits
 from shared.claims import Claim
 from shared.errors import LeaseLost
 from shared.jobs import JobRecord, JobState
+from shared.logs import log_context
 from shared.storage import Storage
 from shared.store import DEFAULT_MAX_TAKEOVERS, JobStore
 from workers.faults import pause_at
 from workers.group_pool import GroupPool, PoolSettings
 from workers.janitor import SWEEP_INTERVAL_S, sweep_logged
 from workers.lease import LeaseKeeper
+from workers.metrics import DispatcherMetrics
 from workers.results import finalize
 from workers.runner import Stopped, StopReason
 from workers.stage_graph import StageFailed, StageGraph, Wiring, cluster_size
@@ -47,6 +49,7 @@ class Dispatcher:
         pool: GroupPool | None = None,
         cluster_max: dict[str, float] | None = None,
         group_start_timeout_s: float = 1800.0,
+        metrics: DispatcherMetrics | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -78,6 +81,8 @@ class Dispatcher:
         self._trained: set[str] = set()  # running jobs past their last stage: finalizing
         self._lock = threading.Lock()
         self._complained_at = -1e9
+        self.metrics = metrics or DispatcherMetrics()  # without a store: reads nothing
+        self.metrics.bind(lambda: len(self._running), slots, self.pool)
 
     # -- the loop -------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -88,6 +93,7 @@ class Dispatcher:
         while not self.stopping.is_set():
             if time.monotonic() - last_register > 2.0:
                 self._register()
+                self.metrics.sample()  # the epochs of running jobs (with a store: exported)
                 last_register = time.monotonic()
             if time.monotonic() - last_sweep > SWEEP_INTERVAL_S:  # leftovers in storage, Redis
                 sweep_logged(self.store, self.storage)
@@ -192,13 +198,18 @@ class Dispatcher:
     def execute(self, claim: Claim) -> JobRecord | None:
         """Run a claimed job and record how it ended; None when the lease was lost."""
         job = claim.job
-        log.info("job %s: attempt %d (token %d)", job.id, job.attempts, claim.token)
-        lease = LeaseKeeper(self.store, job.id, claim.token, self.lease_ttl_s)
-        try:
-            with lease:
-                return self._execute(claim, lease)
-        finally:
-            self._trained.discard(job.id)
+        with log_context(job_id=job.id):  # every line of this thread names the job
+            log.info("job %s: attempt %d (token %d)", job.id, job.attempts, claim.token)
+            self.metrics.job_claimed(claim)
+            lease = LeaseKeeper(self.store, job.id, claim.token, self.lease_ttl_s)
+            record = None
+            try:
+                with lease:
+                    record = self._execute(claim, lease)
+                return record
+            finally:
+                self._trained.discard(job.id)
+                self.metrics.job_ended(claim, record)
 
     def _execute(self, claim: Claim, lease: LeaseKeeper) -> JobRecord | None:
         job = claim.job
@@ -208,6 +219,7 @@ class Dispatcher:
         try:
             pause_at("claimed", job.id)
             checkpoints = graph.run()
+            self.metrics.stages_trained(job, graph.seconds)
             self._trained.add(job.id)  # its pictures and artifacts need no cluster resources
             pause_at("finalizing", job.id)
             started = time.monotonic()

@@ -6,10 +6,12 @@ from types import FrameType
 
 import ray
 
+from shared.logs import configure_logging
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore, connect, warn_if_redis_evicts
 from workers.dispatcher import Dispatcher
+from workers.metrics import DispatcherMetrics
 
 
 def connect_ray(address: str | None) -> str:
@@ -29,7 +31,7 @@ def connect_ray(address: str | None) -> str:
 
 def run_worker(settings: Settings | None = None) -> None:
     settings = settings or Settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(settings.log_format, settings.log_level)
     redis_url = settings.require_redis_url()
     store = JobStore(connect(redis_url), settings.key_prefix, settings.retention_s)
     warn_if_redis_evicts(store, logging.getLogger("aetrain.worker"))
@@ -38,6 +40,9 @@ def run_worker(settings: Settings | None = None) -> None:
     storage = Storage(settings.storage_root)
     storage.root.mkdir(parents=True, exist_ok=True)
     ray_address = connect_ray(settings.ray_address)
+    port = settings.dispatcher_metrics_port
+    # Only an exported dispatcher reads the epochs of its jobs from Redis for its metrics.
+    metrics = DispatcherMetrics(store if port is not None else None)
     dispatcher = Dispatcher(
         store,
         storage,
@@ -51,7 +56,13 @@ def run_worker(settings: Settings | None = None) -> None:
         warm_groups=settings.warm_groups,
         cluster_max=settings.cluster_max,
         group_start_timeout_s=settings.group_start_timeout_s,
+        metrics=metrics,
     )
+    if port is not None:
+        metrics.serve(port, settings.metrics_host)
+        logging.getLogger("aetrain.worker").info(
+            "metrics on http://%s:%d/metrics", settings.metrics_host, port
+        )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         logging.getLogger("aetrain.worker").info("signal %d: stopping", signum)
@@ -62,4 +73,5 @@ def run_worker(settings: Settings | None = None) -> None:
     try:
         dispatcher.run_forever()
     finally:
+        metrics.close()
         ray.shutdown()
