@@ -161,18 +161,22 @@ def _type(prop: Schema, inherited: str | None = None, link: bool = True) -> str:
     kind = prop.get("type", inherited)
     for key in ("anyOf", "oneOf"):
         if key in prop:
-            return " or ".join(_type(option, kind, link) for option in prop[key])
+            return " or ".join(_member(option, kind, link) for option in prop[key])
     if kind == "array":
         return f"list of {_type(prop['items'], link=link)}"
-    if "pattern" in prop and "type" not in prop:  # an alternative of a typed property
-        return f"{kind} matching `{prop['pattern']}`"
     return str(kind)
 
 
-def _constraints(prop: Schema) -> str:
+def _member(option: Schema, inherited: str | None, link: bool) -> str:
+    """One alternative of a union; a pattern is what tells it apart, so it is shown here."""
+    kind = _type(option, inherited, link)
+    return f"{kind} matching `{option['pattern']}`" if "pattern" in option else kind
+
+
+def _constraints(prop: Schema, member: bool = False) -> str:
     parts = []
     for key in ("anyOf", "oneOf"):
-        parts += [c for option in prop.get(key, ()) if (c := _constraints(option))]
+        parts += [c for option in prop.get(key, ()) if (c := _constraints(option, member=True))]
     low, high = (
         prop.get("minimum", prop.get("exclusiveMinimum")),
         prop.get("maximum", prop.get("exclusiveMaximum")),
@@ -189,7 +193,7 @@ def _constraints(prop: Schema) -> str:
     elif high is not None:
         parts.append(f"{'≤' if 'maximum' in prop else '<'} {_number(high)}")
     parts += _sizes(prop, "minLength", "maxLength", "characters")
-    if "pattern" in prop and prop.get("type") == "string":
+    if "pattern" in prop and not member:  # a union member's is in its type
         parts.append(f"matches `{prop['pattern']}`")
     parts += _sizes(prop, "minItems", "maxItems", "items")
     if prop.get("type") == "array" and (each := _constraints(prop["items"])):

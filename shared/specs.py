@@ -50,7 +50,10 @@ Width = Annotated[int, Field(ge=1, le=8192)]
 # _known_dataset's rule as a JSON schema can say it, so editors complete names and flag typos.
 _BUILTIN_NAMES: list[JsonValue] = [*sorted(BUILTIN_DATASETS)]
 DATASET_SCHEMA: dict[str, JsonValue] = {
-    "anyOf": [{"enum": _BUILTIN_NAMES}, {"pattern": DATASET_ID.pattern}]
+    "anyOf": [
+        {"type": "string", "enum": _BUILTIN_NAMES},
+        {"type": "string", "pattern": DATASET_ID.pattern},
+    ]
 }
 
 
