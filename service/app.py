@@ -12,7 +12,7 @@ from service.guards import RequestGuard
 from service.metrics import ApiMetrics
 from service.metrics import router as metrics_router
 from service.metrics_http import RequestMetrics, bind_request_log_context
-from service.routes import datasets, events, health, jobs
+from service.routes import datasets, events, health, jobs, logs
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore, connect
@@ -54,6 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(events.router)
+    app.include_router(logs.router)
     app.include_router(datasets.router)
     if settings.metrics_port is None:  # else served on its own port, without a key
         app.include_router(metrics_router)

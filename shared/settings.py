@@ -72,6 +72,16 @@ class Settings(BaseSettings):
         default=1800.0, gt=0, le=86_400,
         description="a worker group not ready by then fails its stage (the cluster did not grow)",
     )  # fmt: skip
+    # A stage logs a line or two per epoch: 1 MiB is a whole log but for pathological ones,
+    # and each request reads at most this much into memory.
+    stage_log_max_bytes: int = Field(
+        default=2**20, ge=1024, le=64 * 2**20,
+        description="most bytes of a stage log one GET .../logs sends (page on with ?offset=)",
+    )  # fmt: skip
+    stage_log_follow_max_s: float = Field(
+        default=600.0, gt=0, le=3600,
+        description="a followed log's stream ends after this long (the CLI reconnects)",
+    )  # fmt: skip
     ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
     # -- observability (docs/observability.md) --
     log_format: LogFormat = Field(

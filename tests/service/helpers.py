@@ -1,15 +1,19 @@
-"""Service-test helpers: a succeeded job as the dispatcher leaves it, and a real HTTP server."""
+"""Service-test helpers: a succeeded job as the dispatcher leaves it, a running one with its
+stage logs, and a real HTTP server."""
 
 import json
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
 
-from shared.jobs import JobRecord, JobState
+from shared.claims import Claim
+from shared.jobs import JobRecord, JobState, StageState
 from shared.specs import parse_job_spec
 from shared.storage import Storage
 from shared.store import JobStore
@@ -40,6 +44,44 @@ def succeeded_job(
         (storage.root / folder / name).write_bytes(artifact_bytes(job.id, name))
     result = {"artifacts": artifacts, "folder": folder, "metrics": {"val_mse": 0.01}}
     return store.finish(claim, JobState.SUCCEEDED, result=result)
+
+
+# -- running jobs and their stage logs ---------------------------------------------------------
+def running_job(
+    store: JobStore, spec: dict[str, Any] | None = None, tenant: str = "default"
+) -> Claim:
+    """A job claimed by a test runner, its first stage running. Call it while nothing else is
+    queued: it claims the head of the queue."""
+    job, _ = store.submit(JobRecord.for_spec(parse_job_spec(spec or digits_spec()), tenant))
+    claim = store.claim("test-runner", lease_ttl_s=30.0, block_ms=50)
+    assert claim is not None and claim.job.id == job.id
+    start_stage(store, claim, job.stages[0].name)
+    return claim
+
+
+def start_stage(store: JobStore, claim: Claim, stage: str) -> None:
+    store.update(claim.job.id, claim.token, lambda j: j.with_stage(stage, StageState.RUNNING))
+
+
+def end_stage(store: JobStore, claim: Claim, stage: str) -> None:
+    store.update(claim.job.id, claim.token, lambda j: j.with_stage(stage, StageState.SUCCEEDED))
+
+
+def log_path(storage: Storage, job_id: str, stage: str, attempt: int) -> Path:
+    """Where the workers write a run's log (workers/stage_graph.py, workers/group_loop.py)."""
+    return storage.root / "jobs" / job_id / "logs" / f"{stage}-attempt-{attempt}.log"
+
+
+def write_log(storage: Storage, job_id: str, stage: str, attempt: int, text: str | bytes) -> Path:
+    path = log_path(storage, job_id, stage, attempt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def append(path: Path, text: str) -> None:
+    with path.open("a") as file:
+        file.write(text)
 
 
 @contextmanager
