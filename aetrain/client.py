@@ -12,6 +12,7 @@ aetrain.errors class of its status (NotFound, Conflict, RateLimited, ...). The C
 (service/cli.py) is built on this class.
 """
 
+import codecs
 import json
 import os
 import tempfile
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Self, cast
+from typing import IO, TYPE_CHECKING, Any, Literal, Self, cast, overload
 from urllib.parse import quote
 
 import httpx
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+STAGE_TERMINAL = TERMINAL | {"skipped"}
 SpecLike = Mapping[str, Any] | str | os.PathLike[str] | BaseModel
 FileLike = str | os.PathLike[str] | bytes | IO[bytes]
 
@@ -51,6 +53,12 @@ FileLike = str | os.PathLike[str] | bytes | IO[bytes]
 _EVENT_READ_TIMEOUT_S = 60.0
 # Answers that say "try again soon" rather than "no": `wait` rides them out.
 _TRANSIENT = (ConnectionFailed, ServiceUnavailable, RateLimited)
+# GET /v1/jobs/{id}/logs: the headers that say which file an answer is from and where it ends.
+_LOG_STAGE, _LOG_ATTEMPT, _LOG_OFFSET = "X-Log-Stage", "X-Log-Attempt", "X-Log-Offset"
+_LOG_NEXT_OFFSET, _LOG_TRUNCATED = "X-Log-Next-Offset", "X-Log-Truncated"
+# The API ends a followed log's stream within AETRAIN_STAGE_LOG_FOLLOW_MAX_S, an hour at most,
+# even when nothing is written: a read that waits longer has lost its server.
+_LOG_FOLLOW_READ_TIMEOUT_S = 3660.0
 _RETRY_S = 2.0  # when the answer does not say how long
 
 
@@ -202,6 +210,90 @@ class Client:
                           timeout=timeout) as response:  # fmt: skip
             yield from parse_events(self._lines(response))
 
+    # -- logs ------------------------------------------------------------------------------------
+    @overload
+    def logs(
+        self, job_id: str, stage: str | None = None, follow: Literal[False] = False
+    ) -> str: ...
+
+    @overload
+    def logs(
+        self, job_id: str, stage: str | None = None, *, follow: Literal[True]
+    ) -> Iterator[str]: ...
+
+    @overload
+    def logs(
+        self, job_id: str, stage: str | None = None, follow: bool = False
+    ) -> str | Iterator[str]: ...
+
+    def logs(
+        self, job_id: str, stage: str | None = None, follow: bool = False
+    ) -> str | Iterator[str]:
+        """A stage's log (default: the stage that started last) as text; with `follow=True`, an
+        iterator of text chunks as they are written, which ends once the stage's run has ended.
+
+        The API sends a log a page at a time (AETRAIN_STAGE_LOG_MAX_BYTES) and ends a follow
+        after a while: both are picked up where they stopped. A follow that meets a newer run
+        of the stage (the job was taken over) goes on with that run's log. NotFound while the
+        stage has not started (or for a stage the job does not have).
+        """
+        if follow:
+            return self._follow_logs(job_id, stage)
+        route = f"/v1/jobs/{_segment(job_id)}/logs"
+        response = self._request("GET", route, params={"stage": stage} if stage else {})
+        pages = [response.content]
+        stage, attempt = response.headers[_LOG_STAGE], int(response.headers[_LOG_ATTEMPT])
+        pages.extend(self._rest_of_log(route, stage, attempt, response))
+        return b"".join(pages).decode(errors="replace")
+
+    def _rest_of_log(
+        self, route: str, stage: str, attempt: int, response: httpx.Response
+    ) -> Iterator[bytes]:
+        """The pages of one log file after `response`, to its end as it is now."""
+        while _LOG_TRUNCATED in response.headers:
+            params = {"stage": stage, "attempt": attempt,
+                      "offset": int(response.headers[_LOG_NEXT_OFFSET])}  # fmt: skip
+            response = self._request("GET", route, params=params)
+            if not response.content:  # shrunk meanwhile: nothing more to read
+                return
+            yield response.content
+
+    def _follow_logs(self, job_id: str, stage: str | None) -> Iterator[str]:
+        route = f"/v1/jobs/{_segment(job_id)}/logs"
+        # The API ends a quiet stream within AETRAIN_STAGE_LOG_FOLLOW_MAX_S (at most an hour).
+        timeout = httpx.Timeout(self.timeout, read=max(self.timeout, _LOG_FOLLOW_READ_TIMEOUT_S))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        query: dict[str, Any] = {"stage": stage} if stage else {}
+        offset, attempt = 0, None
+        while True:
+            params = {**query, "follow": "true", "offset": offset}
+            if attempt is not None:
+                params["attempt"] = attempt
+            with self._stream("GET", route, params=params, timeout=timeout) as response:
+                query["stage"] = response.headers[_LOG_STAGE]  # the latest stage stays the one
+                attempt = int(response.headers[_LOG_ATTEMPT])
+                offset = int(response.headers[_LOG_OFFSET])
+                for chunk in self._bytes(response):
+                    offset += len(chunk)
+                    if text := decoder.decode(chunk):
+                        yield text
+            # The stream ended: at the API's byte cap or time limit, or the run has ended.
+            job = self.get(job_id)
+            newest = self._request("GET", route, params={**query, "limit": 1})
+            newest_attempt = int(newest.headers[_LOG_ATTEMPT])
+            if newest_attempt == attempt and not _stage_over(job, query["stage"]):
+                continue
+            page = self._request("GET", route, params={**query, "attempt": attempt,
+                                                       "offset": offset})  # fmt: skip
+            for chunk in [page.content, *self._rest_of_log(route, query["stage"], attempt, page)]:
+                if text := decoder.decode(chunk):
+                    yield text
+            if text := decoder.decode(b"", final=True):
+                yield text
+            if newest_attempt == attempt:
+                return
+            offset, attempt = 0, newest_attempt  # taken over: the new run's log from its start
+
     # -- files -----------------------------------------------------------------------------------
     def download(self, job_id: str, name: str, path: str | os.PathLike[str] | None = None) -> Path:
         """Stream one artifact (a name from `result(...)["artifacts"]`) into a file: `path`, a
@@ -291,6 +383,12 @@ class Client:
             f"cannot reach the aetrain API at {self.url} ({exc}); is `aetrain up` running?"
         )
 
+    def _bytes(self, response: httpx.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_bytes()
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
     def _lines(self, response: httpx.Response) -> Iterator[str]:
         try:
             yield from response.iter_lines()
@@ -308,6 +406,13 @@ class Client:
         finally:
             partial.unlink(missing_ok=True)
         return target
+
+
+def _stage_over(job: Job, stage: str) -> bool:
+    """Whether the job has ended, or its stage `stage` has (a stage's run may also end with
+    the stage pending again: a runner that gave the job back; then a newer run follows)."""
+    states = {s["name"]: s["state"] for s in job["stages"]}
+    return job["state"] in TERMINAL or states.get(stage) in STAGE_TERMINAL
 
 
 def spec_document(spec: SpecLike) -> dict[str, Any]:

@@ -38,7 +38,15 @@ from shared.specs import parse_job_spec
 from shared.storage import Storage
 from shared.store import JobStore
 from tests.conftest import free_port
-from tests.service.helpers import artifact_bytes, serve, succeeded_job
+from tests.service.helpers import (
+    append,
+    artifact_bytes,
+    end_stage,
+    running_job,
+    serve,
+    succeeded_job,
+    write_log,
+)
 from tests.specs import digits_spec
 
 pytestmark = pytest.mark.timeout(60)
@@ -316,6 +324,68 @@ def test_upload_raw_or_multipart_from_a_path_bytes_or_a_file(api: Client, tmp_pa
     api.delete_dataset(other["id"])
     with pytest.raises(NotFound):
         api.get_dataset(other["id"])
+
+
+# -- logs --------------------------------------------------------------------------------------
+def test_logs_reads_a_whole_log_page_by_page_and_splits_no_character(
+    settings: Settings, store: JobStore, storage: Storage
+) -> None:
+    claim = running_job(store)
+    text = "".join(f"epoch {i} — loss ≈ {1 / (i + 1):.4f}\n" for i in range(200))  # multibyte
+    write_log(storage, claim.job.id, "train", claim.token, text)
+    capped = settings.model_copy(update={"stage_log_max_bytes": 1024})
+    with TestClient(create_app(capped)) as http:
+        api = Client(http=http)
+        assert len(text.encode()) > 5 * 1024  # pages, cut inside characters
+        assert api.logs(claim.job.id) == text
+        assert api.logs(claim.job.id, stage="train") == text
+        with pytest.raises(NotFound, match="no stage 'head'"):
+            api.logs(claim.job.id, stage="head")
+        with pytest.raises(ValidationFailed):
+            api.logs(claim.job.id, stage="../train")
+
+
+def test_logs_follow_yields_lines_as_written_past_the_cap_and_across_a_takeover(
+    settings: Settings, store: JobStore, storage: Storage
+) -> None:
+    claim = running_job(store)
+    first = "".join(f"first run, line {i}\n" for i in range(100))  # 2 KiB: past the cap
+    path = write_log(storage, claim.job.id, "train", claim.token, first)
+    capped = settings.model_copy(update={"stage_log_max_bytes": 1024})
+    seen_while_running: list[str] = []
+
+    def later() -> None:
+        time.sleep(1.0)
+        append(path, "first run, last line\n")
+        time.sleep(0.5)
+        newer = write_log(storage, claim.job.id, "train", claim.token + 1, "second run\n")
+        store.update(claim.job.id, claim.token, lambda j: j)  # the takeover's record change
+        time.sleep(0.5)
+        append(newer, "second run, done\n")
+        end_stage(store, claim, "train")
+
+    with serve(create_app(capped)) as url, Client(url, timeout=10) as api:
+        thread = in_thread(later)
+        chunks = []
+        for chunk in api.logs(claim.job.id, follow=True):
+            chunks.append(chunk)
+            if thread.is_alive():
+                seen_while_running.append(chunk)
+        thread.join()
+    assert "".join(chunks) == first + "first run, last line\nsecond run\nsecond run, done\n"
+    assert "".join(seen_while_running).startswith(first)  # streamed, not read at the end
+
+
+def test_logs_follow_of_a_finished_job_returns_its_log_at_once(
+    api: Client, store: JobStore, storage: Storage
+) -> None:
+    claim = running_job(store)
+    write_log(storage, claim.job.id, "train", claim.token, "Traceback ...\nValueError: x\n")
+    store.finish(claim, JobState.FAILED, error="ValueError: x", error_tail="ValueError: x")
+    started = time.monotonic()
+    assert "".join(api.logs(claim.job.id, follow=True)) == "Traceback ...\nValueError: x\n"
+    assert time.monotonic() - started < 5
+    assert api.get(claim.job.id)["error_tail"] == "ValueError: x"
 
 
 # -- the CLI is built on it ----------------------------------------------------------------------
