@@ -16,6 +16,7 @@ from workers.data import Split
 from workers.figures import save_curves, save_latent, save_reconstructions
 from workers.models import Autoencoder, ExportedAutoencoder, NormalizedEncoder
 from workers.objectives import corrupt, evaluate_reconstruction, jacobian_frobenius
+from workers.onnx_export import onnx_bytes
 from workers.tensorboard_events import event_files
 
 SHOWN_SAMPLES = 10
@@ -60,11 +61,13 @@ class ArtifactWriter:
         self.shift, self.scale = torch.from_numpy(norm.shift), torch.from_numpy(norm.scale)
 
     def encoder(self, encoder: nn.Module) -> None:
-        """encoder.pt (TorchScript) and encoder.safetensors, normalization built in."""
+        """encoder.pt (TorchScript), encoder.safetensors and encoder.onnx, normalization
+        built in."""
         exported = NormalizedEncoder(encoder, self.shift, self.scale).eval()
         torch.jit.script(exported).save(str(self._path("encoder.pt")))
         tensors = {k: v.detach().contiguous() for k, v in exported.state_dict().items()}
         save_file(tensors, str(self._path("encoder.safetensors")))
+        self._bytes("encoder.onnx", onnx_bytes(exported, self.split.input_dim))
 
     def autoencoder(self, model: Autoencoder, denoising: DenoisingSpec | None,
                     input_shape: tuple[int, ...]) -> None:  # fmt: skip
