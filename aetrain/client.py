@@ -308,7 +308,9 @@ class Client:
         self, job_id: str, path: str | os.PathLike[str], format: str = "torchscript"
     ) -> Path:
         """Stream the trained encoder into `path` (a file, or a folder to put it in). `format`
-        is one the API serves: torchscript (`torch.jit.load`) or safetensors weights."""
+        is one the API serves: torchscript (`torch.jit.load`), safetensors weights, or onnx
+        (onnxruntime and other runtimes; input `x`, (batch, D) raw features). A job that
+        finished before ONNX export was added has no onnx file: NotFound, saying so."""
         target = Path(path)
         if target.is_dir():
             target = target / f"{job_id}-encoder.{'pt' if format == 'torchscript' else format}"

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.deps import CallerDep, StorageDep, StoreDep, TenantDep
-from shared.errors import DatasetNotFound, InvalidTransition, ResultNotReady
+from shared.errors import ArtifactNotFound, DatasetNotFound, InvalidTransition, ResultNotReady
 from shared.jobs import JobRecord, JobState
 from shared.quotas import job_item, quotas_of, submit_within_quota
 from shared.specs import BUILTIN_DATASETS, AnyJobSpec, JobSpec, parse_job_spec
@@ -226,6 +226,20 @@ def get_artifact(
     return _download(path, path.name)
 
 
+class OnnxEncoderMissing(ArtifactNotFound):
+    """A job that finished before the workers exported encoder.onnx (a 404, as its base)."""
+
+    def __str__(self) -> str:
+        return (
+            f"job {self.job_id!r} has no ONNX encoder: it finished before aetrain exported "
+            "encoder.onnx. Download format=torchscript or safetensors, or run the job again"
+        )
+
+
+# encoder.onnx is written by the workers (workers/onnx_export.py), so serving it needs no torch.
+_ENCODER_FILES = {**ENCODER_FILES, "onnx": "encoder.onnx"}
+
+
 @router.get(
     "/{job_id}/encoder",
     response_class=FileResponse,
@@ -236,8 +250,16 @@ def get_encoder(
     store: StoreDep,
     storage: StorageDep,
     tenant: TenantDep,
-    format: Literal["torchscript", "safetensors"] = "torchscript",
+    format: Literal["torchscript", "safetensors", "onnx"] = "torchscript",
 ) -> FileResponse:
-    """The trained encoder: TorchScript (`torch.jit.load`) or safetensors weights."""
-    path = storage.artifact_path(store.get(job_id, tenant), ENCODER_FILES[format])
+    """The trained encoder: TorchScript (`torch.jit.load`), safetensors weights, or ONNX
+    (input `x`: (batch, D) raw features, output `codes`)."""
+    job = store.get(job_id, tenant)
+    name = _ENCODER_FILES[format]
+    try:
+        path = storage.artifact_path(job, name)
+    except ArtifactNotFound:
+        if format == "onnx" and job.result is not None and name not in job.result["artifacts"]:
+            raise OnnxEncoderMissing(job.id, name) from None
+        raise
     return _download(path, f"{job_id}-{path.name}")
