@@ -3,6 +3,10 @@
 
 import json
 import os
+import sys
+import time
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -11,7 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from aetrain import ApiError, Client, Job, SpecFileError
+from aetrain import ApiError, Client, Job, NotFound, SpecFileError
+from aetrain.client import TERMINAL
 from aetrain.spec_file import read_spec
 from shared.settings import Settings
 
@@ -23,6 +28,7 @@ console = Console()
 err = Console(stderr=True)
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="AETRAIN_URL", help="API address")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the API's answer as JSON")]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -33,6 +39,24 @@ def _client(url: str) -> Client:
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(code)
+
+
+def print_json(data: Any) -> None:
+    """JSON for programs: plain (no colours, no wrapping), one document."""
+    typer.echo(json.dumps(data, indent=2))
+
+
+@app.command()
+def version(as_json: JsonOpt = False) -> None:
+    """Print the version of aetrain installed here."""
+    try:
+        installed = package_version("aetrain")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        installed = "unknown"
+    if as_json:
+        print_json({"version": installed})
+    else:
+        typer.echo(f"aetrain {installed}")
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -187,12 +211,19 @@ def show_job(job: Job) -> None:
 
 
 @app.command()
-def status(job_id: str, url: UrlOpt = DEFAULT_URL) -> None:
-    """Show a job's record."""
+def status(job_id: str, url: UrlOpt = DEFAULT_URL, as_json: JsonOpt = False) -> None:
+    """Show a job's record (a failed job's with the end of its log)."""
     try:
-        show_job(_client(url).get(job_id))
+        job = _client(url).get(job_id)
     except ApiError as exc:
         raise _fail(str(exc)) from None
+    if as_json:
+        print_json(job)
+        return
+    show_job(job)
+    if job.get("error_tail"):
+        console.print("the end of the failing stage's log:", highlight=False)
+        console.out(job["error_tail"], highlight=False)
 
 
 @app.command("list")
@@ -202,12 +233,16 @@ def list_jobs(
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=200)] = 50,
     url: UrlOpt = DEFAULT_URL,
+    as_json: JsonOpt = False,
 ) -> None:
     """List jobs, newest first."""
     try:
         page = _client(url).list(state, limit)
     except ApiError as exc:
         raise _fail(str(exc)) from None
+    if as_json:
+        print_json(page)
+        return
     table = Table("name", "state", "epoch", "created_at")
     table.add_column("id", no_wrap=True, min_width=21)
     for job in page["items"]:
@@ -238,12 +273,100 @@ def delete(job_id: str, url: UrlOpt = DEFAULT_URL) -> None:
 
 
 @app.command()
-def result(job_id: str, url: UrlOpt = DEFAULT_URL) -> None:
-    """Print a finished job's final metrics and artifacts as JSON."""
+def result(job_id: str, url: UrlOpt = DEFAULT_URL, as_json: JsonOpt = False) -> None:
+    """Print a finished job's final metrics and artifacts as JSON (--json: without colours)."""
     try:
-        console.print_json(json.dumps(_client(url).result(job_id)))
+        answer = _client(url).result(job_id)
     except ApiError as exc:
         raise _fail(str(exc)) from None
+    if as_json:
+        print_json(answer)
+    else:
+        console.print_json(json.dumps(answer))
+
+
+@app.command()
+def artifacts(
+    job_id: str,
+    name: Annotated[str | None, typer.Argument(help="an artifact to download")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="file or folder to write it to")
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """List a finished job's artifacts, or download one (to NAME's file name, or -o)."""
+    client = _client(url)
+    if name is None:
+        try:
+            names = client.result(job_id)["artifacts"]
+        except ApiError as exc:
+            raise _fail(str(exc)) from None
+        if as_json:
+            print_json(names)
+        else:
+            typer.echo("\n".join(names))
+        return
+    # Some names have folders (tensorboard/<stage>/...): the file goes here, not there.
+    target = output or Path(Path(name).name)
+    try:
+        written = client.download(job_id, name, target)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"cannot write {target}: {exc.strerror}") from None
+    if as_json:
+        print_json({"name": name, "path": str(written), "size_bytes": written.stat().st_size})
+    else:
+        console.print(f"wrote {written} ({written.stat().st_size:,} bytes)", highlight=False)
+
+
+@app.command()
+def logs(
+    job_id: str,
+    follow: Annotated[
+        bool, typer.Option("-f", "--follow", help="print new lines as they come, to the end")
+    ] = False,
+    stage: Annotated[
+        str | None, typer.Option(help="a stage of the job (default: the one started last)")
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+) -> None:
+    """Print a stage's log; with -f, follow it (waiting for the stage to start) to its end."""
+    client = _client(url)
+    try:
+        if follow:
+            follow_log(client, job_id, stage)
+        else:
+            sys.stdout.write(client.logs(job_id, stage))
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def follow_log(client: Client, job_id: str, stage: str | None, poll_s: float = 1.0) -> None:
+    """Write the stage's log to stdout as it grows; while the stage has not started, wait."""
+    printed = waiting = False
+    while True:
+        try:
+            for chunk in client.logs(job_id, stage, follow=True):
+                printed = True
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            return
+        except NotFound:
+            if printed:  # it went away while followed (deleted)
+                raise
+            job = client.get(job_id)  # NotFound: no such job
+            if job["state"] in TERMINAL or stage not in {None, *(s["name"] for s in
+                                                                 job["stages"])}:  # fmt: skip
+                raise
+            if not waiting:
+                err.print(f"{job_id} is {job['state']}: waiting for its stage to start",
+                          highlight=False)  # fmt: skip
+                waiting = True
+            time.sleep(poll_s)
 
 
 @app.command()
@@ -317,13 +440,62 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="id from `aetrain key
 @keys_app.command("list")
 def keys_list(
     tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """List API keys (ids and tenants; a key itself is never stored)."""
+    infos = _key_store().api_keys.list(tenant)
+    if as_json:
+        print_json(infos)
+        return
     table = Table("id", "tenant", "max_priority", "created_at", "revoked_at")
-    for info in _key_store().api_keys.list(tenant):
+    for info in infos:
         table.add_row(info["key_id"], info["tenant"], info["max_priority"], info["created_at"],
                       info["revoked_at"] or "")  # fmt: skip
     console.print(table)
+
+
+# -- datasets ------------------------------------------------------------------------------------
+datasets_app = typer.Typer(help="Your uploaded datasets: .npz (x, optional labels y) or .npy.")
+app.add_typer(datasets_app, name="datasets", no_args_is_help=True)
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Annotated[Path, typer.Argument(help=".npz with x (and integer labels y), or .npy")],
+    name: Annotated[str, typer.Option(help="a name to know it by")] = "",
+    url: UrlOpt = DEFAULT_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a dataset; prints its id, to name as a spec's data.dataset."""
+    try:
+        dataset = _client(url).upload(path, name)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc.strerror}") from None
+    if as_json:
+        print_json(dataset)
+    else:
+        typer.echo(dataset["id"])
+
+
+@datasets_app.command("list")
+def datasets_list(url: UrlOpt = DEFAULT_URL, as_json: JsonOpt = False) -> None:
+    """List your uploads, newest first, and the built-in datasets."""
+    try:
+        listing = _client(url).datasets()
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        print_json(listing)
+        return
+    table = Table("name", "shape", "dtype", "bytes", "created_at")
+    table.add_column("id", no_wrap=True)
+    for d in listing["items"]:
+        table.add_row(d["name"], "x".join(map(str, d["shape"])), d["dtype"],
+                      f"{d['size_bytes']:,}", d["created_at"], d["id"])  # fmt: skip
+    console.print(table)
+    console.print(f"built in: {', '.join(listing['builtin'])}", highlight=False)
 
 
 def main() -> None:
