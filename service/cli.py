@@ -373,7 +373,7 @@ def follow_log(client: Client, job_id: str, stage: str | None, poll_s: float = 1
 def pull(
     job_id: str,
     output: Annotated[Path, typer.Option("-o", "--output", help="file to write")],
-    format: Annotated[str, typer.Option(help="torchscript or safetensors")] = "torchscript",
+    format: Annotated[str, typer.Option(help="torchscript, safetensors or onnx")] = "torchscript",
     url: UrlOpt = DEFAULT_URL,
 ) -> None:
     """Download a finished job's encoder."""
