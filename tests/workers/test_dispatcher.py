@@ -97,8 +97,9 @@ def check_finished_job(client: TestClient, job_id: str, epochs: int, tmp_path: P
     # (~0.1 after minmax) and within reach of PCA at the same size.
     assert 0 < metrics["val_mse"] < 0.05
     assert metrics["mse_ratio_vs_pca"] < 3
-    assert set(result["artifacts"]) >= {"encoder.pt", "encoder.safetensors", "model.json",
-                                        "metrics.jsonl", "result.json", "curves.png"}  # fmt: skip
+    assert set(result["artifacts"]) >= {"encoder.pt", "encoder.safetensors", "encoder.onnx",
+                                        "model.json", "metrics.jsonl", "result.json",
+                                        "curves.png"}  # fmt: skip
 
     lines = client.get(f"/v1/jobs/{job_id}/artifacts/metrics.jsonl").text.splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(epochs))
