@@ -23,10 +23,11 @@ def onnx_bytes(module: nn.Module, input_dim: int) -> bytes:
     buffer = io.BytesIO()
     with torch.no_grad():
         # dynamo=False: the TorchScript-based exporter (deprecated since torch 2.9, still in
-        # 2.13) needs only `onnx`. Measured on a digits encoder, 2 cores: 0.02 s an export
-        # (0.6 s for the first in a process), where the dynamo exporter needs onnxscript too
-        # and takes 1.5 s (11 s for the first). It warns with a DeprecationWarning, which
-        # Python shows only in __main__; when it is gone, dynamo=True with dynamic_shapes.
+        # 2.13) needs only `onnx`. Measured on the digits-dense example, 2 cores: 0.03-0.04 s
+        # of a 0.7 s finalize (0.2-0.6 s for the first export in a process, its imports); the
+        # dynamo exporter needs onnxscript too and takes 1.5 s (11 s for the first). Its
+        # DeprecationWarning shows only in __main__; when it is gone: dynamo=True with
+        # dynamic_shapes.
         torch.onnx.export(
             module.eval(),
             (example,),
