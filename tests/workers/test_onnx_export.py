@@ -21,7 +21,7 @@ from shared.specs import (
 from workers.artifacts import ArtifactWriter
 from workers.classifier import freeze
 from workers.models import build_model
-from workers.onnx_export import INPUT, OUTPUT
+from workers.onnx_export import INPUT, OUTPUT, onnx_bytes
 from workers.stack import build_stack
 from workers.tasks import job_split
 
@@ -102,3 +102,20 @@ def test_onnx_encoder_gives_the_torchscript_codes_on_the_same_batch(
         worst = max(worst, float(np.abs(onnx_codes - expected).max()))
     print(f"{name}: max |onnx - torchscript| = {worst:.3g} over {len(split.x_val)} rows")
     assert worst < TOLERANCE
+
+
+def test_encoders_exported_from_several_threads_at_once_are_each_whole() -> None:
+    """A dispatcher finalizes its jobs in threads; torch's exporter keeps global state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    modules = [nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)) for _ in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        exported = list(pool.map(lambda m: onnx_bytes(m, 8), modules))
+    batch = np.random.default_rng(0).random((5, 8), dtype=np.float32)
+    for module, model in zip(modules, exported, strict=True):
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        (codes,) = session.run(None, {"x": batch})
+        with torch.no_grad():
+            expected = module(torch.from_numpy(batch)).numpy()
+        assert np.abs(codes - expected).max() < 1e-5
