@@ -15,7 +15,9 @@ never taken for the current one's. The hash holds:
     ready        set by rank 0 once the group takes tasks
 
 The hash expires an hour after the dispatcher's last heartbeat, so a dispatcher that died
-leaves nothing behind for long.
+leaves nothing behind for long. A new task is also published on the hash's name, so an idle
+rank waits for it in a blocking read rather than polling (an idle group costs next to no CPU,
+and still starts a task within milliseconds).
 """
 
 import time
@@ -122,6 +124,7 @@ class GroupChannel:
         self.group_id = group_id
         self._write_outcome = client.register_script(_WRITE_OUTCOME)
         self._count_attempt = client.register_script(_COUNT_ATTEMPT)
+        self._wakeups: Any = None
 
     # -- the dispatcher's side ------------------------------------------------------------------
     def submit(self, task: StageTask) -> None:
@@ -129,6 +132,7 @@ class GroupChannel:
             pipe.hdel(self.key, "outcome", "stop", "attempts", "error")
             pipe.hset(self.key, mapping={"seq": task.seq, "task": task.model_dump_json()})
             pipe.pexpire(self.key, CHANNEL_TTL_MS)
+            pipe.publish(self.key, task.seq)
             pipe.execute()
 
     def outcome(self, seq: int) -> StageOutcome | None:
@@ -155,6 +159,24 @@ class GroupChannel:
         self.redis.delete(self.key)
 
     # -- the group's side -----------------------------------------------------------------------
+    def wait_for_task(self, done: int, recheck_s: float = 1.0) -> int:
+        """Block until the current task is newer than `done`; returns its seq.
+
+        Subscribed before each look at the hash, so a task submitted in between wakes the
+        read; the look every `recheck_s` covers a wake-up lost with a connection.
+        """
+        if self._wakeups is None:
+            self._wakeups = self.redis.pubsub(ignore_subscribe_messages=True)
+            self._wakeups.subscribe(self.key)
+        try:
+            while (seq := self.current()[0]) <= done:
+                self._wakeups.get_message(timeout=recheck_s)
+            return seq
+        except Exception:
+            self._wakeups.close()  # subscribed again on the next call, on a new connection
+            self._wakeups = None
+            raise
+
     def current(self) -> tuple[int, str | None, bool]:
         """The current seq (-1 before any task), its task JSON, and whether it has an outcome."""
         seq, task, has_outcome = self.redis.hmget(self.key, "seq", "task", "outcome")

@@ -33,7 +33,7 @@ from workers.train_loop import train_stage
 
 T = TypeVar("T")
 
-IDLE_POLL_S = 0.05  # how soon an idle group sees a new task
+REDIS_RETRY_S = 0.5  # Redis down for a moment: wait for it rather than end the group
 
 
 def group_loop_per_worker(config: dict[str, Any]) -> None:
@@ -69,12 +69,10 @@ def group_loop_per_worker(config: dict[str, Any]) -> None:
 def wait_for_new_task(channel: GroupChannel, done: int) -> None:
     while True:
         try:
-            seq, _, _ = channel.current()
-        except redis.RedisError:
-            seq = -1
-        if seq > done:
+            channel.wait_for_task(done)
             return
-        time.sleep(IDLE_POLL_S)
+        except redis.RedisError:
+            time.sleep(REDIS_RETRY_S)
 
 
 def agree_on_task(
@@ -175,7 +173,7 @@ def _retrying(call: Callable[[], T]) -> T:
         try:
             return call()
         except redis.RedisError:
-            time.sleep(0.5)
+            time.sleep(REDIS_RETRY_S)
 
 
 def _let_go() -> None:
