@@ -24,8 +24,10 @@ if TYPE_CHECKING:
     from shared.store import JobStore
 
 app = typer.Typer(help="aetrain: train autoencoders as jobs.", no_args_is_help=True)
-console = Console()
-err = Console(stderr=True)
+# soft_wrap: a long path or message stays on one line (rich wraps at 80 columns off a
+# terminal, which broke `wrote <path>` in two for scripts reading it).
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="AETRAIN_URL", help="API address")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the API's answer as JSON")]
