@@ -88,7 +88,9 @@ class JsonFormatter(logging.Formatter):
             if (value := getattr(record, name, None)) is not None:
                 entry[name] = value
         for name, value in record.__dict__.items():
-            if name not in _RECORD_FIELDS and name not in entry:
+            # A leading underscore is a library's own (Ray's record factory adds
+            # _ray_timestamp_ns to every record once it is imported), not an `extra=` field.
+            if name not in _RECORD_FIELDS and name not in entry and not name.startswith("_"):
                 entry[name] = value
         if record.exc_info:
             entry["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
@@ -133,7 +135,8 @@ def configure_logging(
 ) -> logging.Handler:
     """Send every logger's lines to `stream` (stderr) in one format; returns the handler.
 
-    Replaces the root logger's handlers, so calling it twice leaves one handler.
+    Replaces the root logger's handlers, so calling it twice leaves one handler, and routes
+    loggers configured before (their own handlers, no propagation) through it.
     """
     stream = stream if stream is not None else sys.stderr
     handler = logging.StreamHandler(stream)
@@ -144,6 +147,13 @@ def configure_logging(
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
+    # A logger configured before (uvicorn's dictConfig gives uvicorn.access its own handler,
+    # no propagation) would bypass this one: every line goes through the root's handler.
+    for logger in list(logging.root.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            for old in list(logger.handlers):
+                logger.removeHandler(old)
+            logger.propagate, logger.disabled = True, False
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     return handler

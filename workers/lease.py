@@ -10,6 +10,7 @@ from typing import TypeVar
 import redis
 
 from shared.errors import LeaseLost
+from shared.logs import bind_log_context
 from shared.store import JobStore
 
 log = logging.getLogger("aetrain.lease")
@@ -77,6 +78,7 @@ class LeaseKeeper:
             pause = min(2 * pause, 1.0)
 
     def _run(self) -> None:
+        bind_log_context(job_id=self.job_id)  # this thread's lines name the job
         renewed_at = time.monotonic()
         while not self._stop.wait(self.ttl_s / 5):
             try:

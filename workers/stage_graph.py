@@ -25,6 +25,7 @@ from shared.claims import Claim
 from shared.errors import LeaseLost
 from shared.group_channel import GroupShape, StageOutcome
 from shared.jobs import JobRecord, StageState
+from shared.logs import log_context
 from shared.stages import StagePlan, plan_stages
 from shared.storage import Storage
 from shared.store import JobStore, metrics_cap
@@ -175,6 +176,12 @@ class StageGraph:
 
     def _run_stage(self, stage: StagePlan, inputs: dict[str, str], total: dict[str, float]) -> str:
         """Wait for resources, train; the resources are held until the stage is marked."""
+        with log_context(job_id=self.claim.job.id, stage=stage.name):  # a thread of its own
+            return self._run_stage_in_context(stage, inputs, total)
+
+    def _run_stage_in_context(
+        self, stage: StagePlan, inputs: dict[str, str], total: dict[str, float]
+    ) -> str:
         on = _GroupSlot()
         try:
             adopted = self._wait_for_resources(stage, total)

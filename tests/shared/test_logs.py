@@ -120,6 +120,10 @@ def test_auto_is_plain_on_a_terminal_and_json_elsewhere() -> None:
 
 @pytest.mark.usefixtures("root_handlers")
 def test_configure_logging_sends_every_logger_through_one_handler() -> None:
+    # As uvicorn's own logging config leaves it when a server ran before in this process.
+    access = logging.getLogger("uvicorn.access")
+    access.addHandler(logging.NullHandler())
+    access.propagate = False
     stream = io.StringIO()
     configure_logging("auto", "info", stream)
     configure_logging("auto", "INFO", stream)  # twice: still one handler, one line per call
