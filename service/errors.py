@@ -55,7 +55,7 @@ STATUS: dict[type[TrainServiceError], int] = {
 _RETRY_AFTER = {429: "30", 503: "2"}
 
 # Checks across fields (shared/specs.py) start their message with the field they blame.
-_NAMED_FIELD = re.compile(r"^Value error, ([a-z_]+(?:\.[a-z_]+)*): ")
+_NAMED_FIELD = re.compile(r"^Value error, ([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
 
 # pydantic puts the tag of a discriminated union member into an error's location.
 _TAG_FIELDS = {"'kind'": "kind", "_arch()": "arch", "'type'": "type"}

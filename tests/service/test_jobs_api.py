@@ -112,6 +112,17 @@ def test_a_field_with_no_effect_is_refused_naming_it_or_a_warning_on_the_record(
     assert record["warnings"] == [warning]
 
 
+def test_a_check_across_fields_in_a_stacked_layer_names_the_layer(client: TestClient) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "stacked-digits.yaml"
+    spec = yaml.safe_load(example.read_text())
+    spec["layers"][1]["activation"] = "relu"
+    spec["layers"][1]["objective"] = {"loss": "mse", "sparsity": {"type": "kl", "target": 0.05}}
+    response = client.post("/v1/jobs", json=spec)
+    assert response.status_code == 422
+    fields = [error["field"] for error in response.json()["detail"]]
+    assert fields == ["layers.1.objective.sparsity"], response.json()
+
+
 def test_every_example_spec_is_accepted(client: TestClient) -> None:
     examples = sorted(Path(__file__).resolve().parents[2].glob("examples/*.yaml"))
     assert len(examples) >= 10
