@@ -106,10 +106,10 @@ def test_a_job_whose_worker_dies_past_max_failures_fails_and_the_group_trains_th
 def test_a_hung_rank_is_caught_by_the_progress_deadline_and_the_stage_retried(
     client: TestClient, store: JobStore, dispatcher: Dispatcher
 ) -> None:
-    spec = digits_spec(epochs=160, workers=2, checkpoint_every=20)
+    spec = digits_spec(epochs=100, workers=2, checkpoint_every=20)
     spec["resources"].update(max_failures=1, progress_timeout_s=6)
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
-    training_past(client, job_id, 45)
+    training_past(client, job_id, 30)
     stopped = train_worker_pids()[-1]
     os.kill(stopped, signal.SIGSTOP)
     try:

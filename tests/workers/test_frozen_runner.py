@@ -31,7 +31,7 @@ from tests.workers.test_dispatcher import wait_for
 from workers.checkpoints import latest_valid_checkpoint, load_state
 from workers.group_pool import GroupPool
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 LEASE_TTL_S = 3
 # Long enough that the new owner still trains well after the frozen one wakes.
