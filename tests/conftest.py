@@ -114,6 +114,12 @@ def store(redis_url: str) -> Iterator[JobStore]:
     client.close()
 
 
+def data_keys(store: JobStore) -> list[str]:
+    """Every key but the channels of warm groups (which live with their module's pool)."""
+    channels = store.keys.group("")
+    return [key for key in store.redis.scan_iter(count=1000) if not key.startswith(channels)]
+
+
 @pytest.fixture
 def storage(tmp_path: Path) -> Storage:
     return Storage(str(tmp_path / "storage"))

@@ -3,6 +3,9 @@ blocking read that a submitted task ends at once."""
 
 import threading
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from shared.group_channel import GroupChannel, StageTask
 from shared.store import JobStore, connect
@@ -14,18 +17,20 @@ def task(seq: int) -> StageTask:
                      max_failures=0, submitted_at=time.time())  # fmt: skip
 
 
-def channels(store: JobStore, redis_url: str) -> tuple[GroupChannel, GroupChannel]:
+@pytest.fixture
+def channels(store: JobStore, redis_url: str) -> Iterator[tuple[GroupChannel, GroupChannel]]:
     """The dispatcher's end and a rank's end (its own connection, as in another process)."""
     dispatcher = GroupChannel(store.redis, store.keys, "g-test")
     dispatcher.delete()
     rank = GroupChannel(connect(redis_url), store.keys, "g-test")
-    return dispatcher, rank
+    yield dispatcher, rank
+    dispatcher.delete()  # the store fixture keeps group channels (the modules' pools own them)
 
 
 def test_a_waiting_rank_wakes_on_submit_long_before_its_recheck(
-    store: JobStore, redis_url: str
+    channels: tuple[GroupChannel, GroupChannel],
 ) -> None:
-    dispatcher, rank = channels(store, redis_url)
+    dispatcher, rank = channels
     seen: list[tuple[int, float]] = []
 
     def wait() -> None:
@@ -43,9 +48,9 @@ def test_a_waiting_rank_wakes_on_submit_long_before_its_recheck(
 
 
 def test_a_task_already_there_or_newer_than_done_returns_at_once(
-    store: JobStore, redis_url: str
+    channels: tuple[GroupChannel, GroupChannel],
 ) -> None:
-    dispatcher, rank = channels(store, redis_url)
+    dispatcher, rank = channels
     dispatcher.submit(task(1))
     dispatcher.submit(task(2))
     started = time.monotonic()
@@ -53,8 +58,10 @@ def test_a_task_already_there_or_newer_than_done_returns_at_once(
     assert time.monotonic() - started < 1.0
 
 
-def test_a_wakeup_missed_is_found_by_the_recheck(store: JobStore, redis_url: str) -> None:
-    dispatcher, rank = channels(store, redis_url)
+def test_a_wakeup_missed_is_found_by_the_recheck(
+    store: JobStore, channels: tuple[GroupChannel, GroupChannel]
+) -> None:
+    dispatcher, rank = channels
     # Written without the publish, as if the wake-up was lost with a connection.
     store.redis.hset(dispatcher.key, mapping={"seq": 3, "task": task(3).model_dump_json()})
     seen: list[int] = []
@@ -64,9 +71,11 @@ def test_a_wakeup_missed_is_found_by_the_recheck(store: JobStore, redis_url: str
     assert seen == [3]
 
 
-def test_an_idle_rank_costs_redis_one_read_per_recheck(store: JobStore, redis_url: str) -> None:
+def test_an_idle_rank_costs_redis_one_read_per_recheck(
+    store: JobStore, channels: tuple[GroupChannel, GroupChannel]
+) -> None:
     """Not one read per 50 ms, as the poll it replaced."""
-    dispatcher, rank = channels(store, redis_url)
+    dispatcher, rank = channels
     before = int(store.redis.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
     waiter = threading.Thread(target=lambda: rank.wait_for_task(done=-1, recheck_s=0.5))
     waiter.start()

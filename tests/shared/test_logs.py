@@ -120,10 +120,13 @@ def test_auto_is_plain_on_a_terminal_and_json_elsewhere() -> None:
 
 @pytest.mark.usefixtures("root_handlers")
 def test_configure_logging_sends_every_logger_through_one_handler() -> None:
-    # As uvicorn's own logging config leaves it when a server ran before in this process.
+    # As uvicorn's own logging config leaves it when a server ran before in this process:
+    # its own handler, no propagation (undone by configure_logging). A server's log_level is
+    # its choice and is kept: reset here, as servers of other tests may have set it.
     access = logging.getLogger("uvicorn.access")
     access.addHandler(logging.NullHandler())
     access.propagate = False
+    access.setLevel(logging.NOTSET)
     stream = io.StringIO()
     configure_logging("auto", "info", stream)
     configure_logging("auto", "INFO", stream)  # twice: still one handler, one line per call
