@@ -324,10 +324,8 @@ class Client:
 
         with tempfile.TemporaryDirectory(prefix="aetrain-") as folder:
             path = self.download_encoder(job_id, Path(folder) / "encoder.pt")
-            # torch.jit.load is not annotated; it returns a ScriptModule, an nn.Module.
-            module: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]
-                str(path), map_location=map_location
-            )
+            # A ScriptModule, an nn.Module (mypy reads torch as Any: see pyproject.toml).
+            module: torch.nn.Module = torch.jit.load(str(path), map_location=map_location)
         return module.eval()
 
     # -- datasets --------------------------------------------------------------------------------
