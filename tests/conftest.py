@@ -105,12 +105,11 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture
 def store(redis_url: str) -> Iterator[JobStore]:
     client = connect(redis_url)
-    # Everything but the channels of the session's warm groups (see shared_pool).
-    channels = JobStore(client, "aetrain").keys.group("")
-    stale = [key for key in client.scan_iter(count=1000) if not key.startswith(channels)]
+    store = JobStore(client, "aetrain")
+    stale = data_keys(store)  # the channels of the module's warm groups stay (shared_pool)
     for start in range(0, len(stale), 1000):
         client.delete(*stale[start : start + 1000])
-    yield JobStore(client, "aetrain")
+    yield store
     client.close()
 
 
