@@ -2,9 +2,12 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
 
 from service.errors import install_error_handlers
 from service.event_hub import EventHub
@@ -22,6 +25,20 @@ def operation_id(route: APIRoute) -> str:
     """The route function's name (`submit_job`), not FastAPI's `submit_job_v1_jobs_post`: the
     name a generated client gives its methods, so it must be one a person would write."""
     return route.name
+
+
+STATIC = Path(__file__).parent / "static"
+# The page loads only its own files, and reads pictures through blob: URLs (fetched with the
+# key); nothing from another site, nothing inline.
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'; form-action 'none'"
+)
+
+
+def web_page(request: Request) -> FileResponse:
+    """The web page (service/static/): jobs, live curves, pictures, interpolation, submit."""
+    return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -58,4 +75,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(datasets.router)
     if settings.metrics_port is None:  # else served on its own port, without a key
         app.include_router(metrics_router)
+    # Outside /v1, so served without a key: the page asks for one and sends it on each call.
+    # A plain Starlette route: not an operation of the API (nor of its OpenAPI document).
+    app.router.add_route("/", web_page, methods=["GET"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
