@@ -19,6 +19,7 @@ from shared.jobs import JobRecord
 from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.specs import (
+    BUILTIN_ROWS,
     AnyJobSpec,
     AutoencoderSpec,
     ConvModelSpec,
@@ -39,7 +40,6 @@ CHECKPOINT_COPIES = 3  # the weights and Adam's two moments, all float32
 # each at most the whole model's weights.
 ARTIFACT_COPIES = 4
 FIXED_JOB_BYTES = 8 * 2**20  # figures, JSON, metrics.jsonl, stage logs and configs
-BUILTIN_ROWS = {"digits": 1797, "mnist5k": 5000}  # the manifolds have data.n_samples rows
 BUILTIN_CLASSES = 10
 
 # KEYS: ledger. ARGV: item, bytes, limit. Returns {1, used} when charged now, {0, used} when the

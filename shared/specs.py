@@ -38,6 +38,8 @@ BUILTIN_DATASETS: dict[str, tuple[int, ...]] = {
     "swiss_roll": (3,),
     "s_curve": (3,),
 }
+# Rows of the built-in datasets of fixed size (the manifolds have data.n_samples).
+BUILTIN_ROWS = {"digits": 1797, "mnist5k": 5000}
 MAX_PARAMETERS = 50_000_000
 N_SAMPLES_DEFAULT = 2000
 CHECKPOINT_EVERY_DEFAULT = 5
@@ -612,6 +614,12 @@ class StackedSpec(JobSpecBase):
         default_factory=TrainingSpec,
         description="every stage's (the finetune stage takes its epochs and lr from finetune)",
     )
+    baseline: bool = Field(
+        default=True,
+        description="also train the same deep shape from scratch (random weights, end to end, "
+        "as many epochs as all the other stages together, finetune's lr), as a stage of its "
+        "own, so the result says whether pretraining helped",
+    )
 
     @model_validator(mode="after")
     def _layers_fit(self) -> "StackedSpec":
@@ -622,11 +630,44 @@ class StackedSpec(JobSpecBase):
         """What is allowed but has no effect, or is probably not what the user wants."""
         return [*stack_warnings(self.layers), *checkpoint_warnings(self.training, self.finetune)]
 
+    @property
+    def scratch_epochs(self) -> int:
+        """Epochs of the baseline: those of every other stage together, so that it never has
+        less training than the pipeline it is compared with."""
+        finetune = self.finetune.epochs if self.finetune else 0
+        return len(self.layers) * self.training.epochs + finetune
+
+    @property
+    def scratch_lr(self) -> float:
+        return (self.finetune.lr if self.finetune else None) or self.training.lr
+
+
+HeadMethod = Literal["mlp", "joint", "label_spreading"]
+RECONSTRUCTION_WEIGHT_DEFAULT = 1.0
+NEIGHBORS_DEFAULT = 10
+# Zhou et al. (2004) spread with alpha 0.99: labels travel far along the graph.
+ALPHA_DEFAULT = 0.99
+MIN_CONFIDENCE_DEFAULT = 0.0
+# What each method reads beyond the MLP's fields; the others refuse them (a 422 naming them).
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "mlp": (),
+    "joint": ("reconstruction_weight",),
+    "label_spreading": ("neighbors", "alpha", "min_confidence"),
+}
+
 
 class HeadSpec(FrozenSpec):
     """`head`: the classifier on the pretrained encoder's codes (and of the baseline, on raw
-    inputs), trained with adam and checkpointed every quarter of its epochs."""
+    inputs), trained with adam and checkpointed every quarter of its epochs. `method` says how
+    the unlabeled inputs are used beyond the pretraining."""
 
+    method: HeadMethod = Field(
+        default="mlp",
+        description="mlp: the head on the labeled subset only; joint: encoder, decoder and head "
+        "trained together on the reconstruction of every training input plus the "
+        "classification of the labeled ones; label_spreading: labels spread over a k-NN graph "
+        "of the codes of every training input, then the head trained on all of them",
+    )
     hidden: tuple[Width, ...] = Field(
         default=(64,), max_length=4,
         description="hidden layer sizes (ReLU); empty: a linear classifier",
@@ -634,6 +675,52 @@ class HeadSpec(FrozenSpec):
     epochs: int = Field(default=100, ge=1, le=10_000, description="epochs of the head's stage")
     lr: float = Field(default=3e-3, gt=0.0, le=10.0, description="learning rate")
     batch_size: int = Field(default=64, ge=1, le=65_536, description="global batch size")
+    reconstruction_weight: float | None = Field(
+        default=None, gt=0.0, le=100.0,
+        description="joint only: loss = cross-entropy of the labeled + this weight times the "
+        f"reconstruction loss of all inputs; default {RECONSTRUCTION_WEIGHT_DEFAULT}",
+    )  # fmt: skip
+    neighbors: int | None = Field(
+        default=None, ge=1, le=100,
+        description=f"label_spreading only: k of the k-NN graph; default {NEIGHBORS_DEFAULT}",
+    )  # fmt: skip
+    alpha: float | None = Field(
+        default=None, gt=0.0, lt=1.0,
+        description="label_spreading only: how far labels spread (0: not at all; near 1: "
+        f"along the whole graph); default {ALPHA_DEFAULT}",
+    )  # fmt: skip
+    min_confidence: float | None = Field(
+        default=None, ge=0.0, lt=1.0,
+        description="label_spreading only: a spread label whose share of its point's score is "
+        f"below this is dropped (pseudo-labels by confidence); default {MIN_CONFIDENCE_DEFAULT}",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _fields_of_the_method(self) -> "HeadSpec":
+        for method, fields in METHOD_FIELDS.items():
+            for name in fields:
+                if method != self.method and getattr(self, name) is not None:
+                    raise ValueError(f"{name}: a setting of method {method}, and this head's "
+                                     f"method is {self.method}; set method: {method}, or leave "
+                                     f"{name} out")  # fmt: skip
+        return self
+
+    @property
+    def weight(self) -> float:
+        """The joint loss's weight of reconstruction."""
+        return self.reconstruction_weight or RECONSTRUCTION_WEIGHT_DEFAULT
+
+    @property
+    def k(self) -> int:
+        return self.neighbors or NEIGHBORS_DEFAULT
+
+    @property
+    def spread(self) -> float:
+        return self.alpha or ALPHA_DEFAULT
+
+    @property
+    def confidence(self) -> float:
+        return self.min_confidence or MIN_CONFIDENCE_DEFAULT
 
 
 class PretrainAutoencoderSpec(FrozenSpec):
@@ -712,18 +799,34 @@ class SemisupervisedSpec(JobSpecBase):
             check_autoencoder(self.pretrain.model, self.pretrain.objective, self.data, "pretrain.")
         else:
             check_stack(self.pretrain.layers, self.data, "pretrain.")
+        if self.head.method == "label_spreading" and self.data.resolved:
+            points = self.training_rows()
+            if self.head.k >= points:
+                raise ValueError(f"head.neighbors: {self.head.k} neighbors need more than the "
+                                 f"{points} training inputs of this dataset")  # fmt: skip
         return self
+
+    def training_rows(self) -> int:
+        """Inputs in the training split (what test and validation leave), about: the splits
+        round their sizes up."""
+        rows = self.data.upload.rows if self.data.upload else BUILTIN_ROWS[self.data.dataset]
+        return int(rows * (1 - self.test_fraction) * (1 - self.data.validation_fraction))
 
     def warnings(self) -> list[str]:
         """What is allowed but has no effect, or is probably not what the user wants."""
         pretrain = self.pretrain
         if isinstance(pretrain, PretrainAutoencoderSpec):
             notes = autoencoder_warnings(pretrain.model, pretrain.objective, self.data, "pretrain.")
-            return [*notes, *checkpoint_warnings(pretrain.training, None, "pretrain.")]
-        return [
-            *stack_warnings(pretrain.layers, "pretrain."),
-            *checkpoint_warnings(pretrain.training, pretrain.finetune, "pretrain."),
-        ]
+            notes += checkpoint_warnings(pretrain.training, None, "pretrain.")
+        else:
+            notes = [
+                *stack_warnings(pretrain.layers, "pretrain."),
+                *checkpoint_warnings(pretrain.training, pretrain.finetune, "pretrain."),
+            ]
+        if self.head.method == "joint" and self.finetune_encoder:
+            notes.append("finetune_encoder: true has no effect with head.method joint, which "
+                         "always trains the encoder (on both losses)")  # fmt: skip
+        return notes
 
 
 # Tags of every discriminated union in a spec: they appear in validation error locations.

@@ -2,6 +2,7 @@
 
 autoencoder      train
 stacked          layer1 -> layer2 -> ... -> layerN [-> finetune]
+                 [baseline: the same stack from scratch, beside the others]
 semisupervised   pretrain (or pretrain-layer1 -> ... [-> pretrain-finetune]) -> head
                  baseline (needs nothing: it runs beside the pretraining)
 """
@@ -18,7 +19,7 @@ from shared.specs import (
     StackedSpec,
 )
 
-StageKind = Literal["autoencoder", "layer", "finetune", "head", "baseline"]
+StageKind = Literal["autoencoder", "layer", "finetune", "head", "baseline", "scratch"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,10 @@ def plan_stages(spec: AnyJobSpec) -> list[StagePlan]:
     if isinstance(spec, AutoencoderSpec):
         return [StagePlan("train", "autoencoder", (), spec.resources, spec.training.epochs)]
     if isinstance(spec, StackedSpec):
-        return _stack_plan("", spec, spec.resources)
+        stages = _stack_plan("", spec, spec.resources)
+        if spec.baseline:
+            stages.append(StagePlan("baseline", "scratch", (), spec.resources, spec.scratch_epochs))
+        return stages
     pretrain = spec.pretrain
     resources = pretrain.resources or spec.resources
     if isinstance(pretrain, PretrainAutoencoderSpec):

@@ -1,7 +1,21 @@
-"""The classifier of a semisupervised job: an encoder (pretrained, or none) and an MLP head."""
+"""The classifiers of a semisupervised job, and how each method uses the unlabeled inputs.
 
+    mlp              an encoder (pretrained, or none) and an MLP head, on the labeled subset
+    joint            the same, with the pretrained decoder kept: one network trained on the
+                     reconstruction of every input plus the classification of the labeled ones
+    label_spreading  labels spread over a k-NN graph of the codes (spread_labels), then the
+                     head trained on every input that got a confident label
+"""
+
+import numpy as np
 import torch
+from scipy import sparse
+from scipy.sparse.linalg import spsolve
+from sklearn.neighbors import kneighbors_graph
 from torch import nn
+from torch.nn import functional as F
+
+from workers.losses import reconstruction_loss
 
 
 class Classifier(nn.Module):
@@ -20,6 +34,39 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x))  # (B, D) -> (B, classes) logits
 
 
+class JointClassifier(nn.Module):
+    """A classifier that also reconstructs: `classifier` is what is exported and scored.
+
+    One forward takes both batches, so that under DDP every parameter (the decoder's and the
+    head's) gets its gradient from the one backward that follows it.
+    """
+
+    def __init__(self, classifier: Classifier, decoder: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.decoder = decoder
+
+    def forward(
+        self, x: torch.Tensor, x_labeled: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.classifier.encoder(torch.cat([x, x_labeled]))  # (B + L, D) -> (B + L, K)
+        n = len(x)
+        return self.decoder(h[:n]), self.classifier.head(h[n:])  # (B, D), (L, classes)
+
+
+def joint_loss(
+    x_hat: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+    weight: float, loss: str,
+) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy of the labeled batch + weight * reconstruction loss of the other."""
+    return F.cross_entropy(logits, y) + weight * reconstruction_loss(x_hat, x, loss)
+
+
+def scoring_model(model: nn.Module) -> nn.Module:
+    """The part of a stage's model that maps inputs to logits."""
+    return model.classifier if isinstance(model, JointClassifier) else model
+
+
 def freeze(module: nn.Module) -> nn.Module:
     for parameter in module.parameters():
         parameter.requires_grad_(False)
@@ -30,3 +77,48 @@ def freeze(module: nn.Module) -> nn.Module:
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     return float((model(x).argmax(dim=1) == y).float().mean())
+
+
+def knn_affinity(codes: np.ndarray, neighbors: int) -> sparse.csr_matrix:
+    """W: a symmetric k-NN graph with heat-kernel weights exp(-(d / sigma)^2), sigma the
+    median distance to a neighbor (so the weights do not depend on the codes' scale)."""
+    graph = kneighbors_graph(codes, neighbors, mode="distance", include_self=False)
+    sigma = float(np.median(graph.data)) or 1.0
+    graph.data = np.exp(-((graph.data / sigma) ** 2))
+    return sparse.csr_matrix(graph.maximum(graph.T))  # i near j or j near i
+
+
+def spread_labels(
+    codes: np.ndarray, labels: np.ndarray, classes: int, neighbors: int, alpha: float
+) -> np.ndarray:
+    """(N, classes) scores of label spreading (Zhou et al. 2004), in closed form:
+    F = (1 - alpha) (I - alpha S)^-1 Y, S = D^-1/2 W D^-1/2; `labels` is -1 where unknown.
+
+    Each row is normalized to sum to 1 (a confidence per class); a point that no labeled
+    point reaches has a row of zeros.
+    """
+    w = knn_affinity(codes, neighbors)
+    degree = np.asarray(w.sum(axis=1)).ravel()
+    d = sparse.diags(1.0 / np.sqrt(np.maximum(degree, 1e-12)))
+    s = d @ w @ d
+    y = np.zeros((len(codes), classes))
+    known = labels >= 0
+    y[known, labels[known]] = 1.0
+    system = sparse.csc_matrix(sparse.identity(len(codes)) - alpha * s)
+    scores = np.asarray(spsolve(system, (1 - alpha) * y)).reshape(len(codes), classes)
+    scores = np.maximum(scores, 0.0)  # rounding may leave -1e-17 where 0 is meant
+    total = scores.sum(axis=1, keepdims=True)
+    return np.divide(scores, total, out=np.zeros_like(scores), where=total > 0)
+
+
+def pseudo_labels(
+    scores: np.ndarray, labels: np.ndarray, min_confidence: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, labels) to train on: the known labels as they are, and every other point's
+    spread label whose confidence is at least min_confidence (and above zero)."""
+    confidence = scores.max(axis=1)
+    spread = scores.argmax(axis=1)
+    known = labels >= 0
+    keep = known | ((confidence >= min_confidence) & (confidence > 0))
+    chosen = np.flatnonzero(keep)
+    return chosen, np.where(known, labels, spread)[chosen].astype(np.int64)

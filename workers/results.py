@@ -10,6 +10,7 @@ from shared.metrics import json_safe
 from shared.specs import AutoencoderSpec, ObjectiveSpec, SemisupervisedSpec, StackedSpec
 from workers.artifacts import ArtifactWriter, final_metrics
 from workers.checkpoints import load_state
+from workers.classifier import scoring_model
 from workers.models import NormalizedEncoder, build_model
 from workers.stack import build_stack
 from workers.tasks import build_classifier, find_stage, job_split
@@ -48,6 +49,10 @@ def finalize(
         for i in range(len(spec.layers)):
             layer = job.stage(f"layer{i + 1}")
             metrics[f"layer{i + 1}_val_mse"] = layer.result["val_mse"]
+        if spec.baseline:  # the same shape from scratch: what pretraining bought, if anything
+            scratch = job.stage("baseline").result["val_mse"]
+            metrics["baseline_val_mse"] = scratch
+            metrics["pretraining_gain"] = scratch - metrics["val_mse"]
         writer.autoencoder(stack, None, spec.data.input_shape)
         description = {
             "arch": "stacked",
@@ -101,12 +106,16 @@ def _semisupervised(
         baseline = job.stage("baseline").result
         metrics["baseline_accuracy"] = baseline["test_accuracy"]
         metrics["accuracy_gain"] = head["test_accuracy"] - baseline["test_accuracy"]
+    if "pseudo_labeled" in head:
+        metrics["pseudo_labeled"] = head["pseudo_labeled"]
     classes = int(head["classes"])
-    classifier = build_classifier(spec, find_stage(spec, "head"), checkpoints, classes)
-    classifier.load_state_dict(load_state(checkpoints["head"])["model"])
+    trained = build_classifier(spec, find_stage(spec, "head"), checkpoints, classes)
+    trained.load_state_dict(load_state(checkpoints["head"])["model"])
+    classifier = scoring_model(trained)  # a joint head's decoder is not exported
     writer.encoder(classifier.encoder)  # fine-tuned by the head when finetune_encoder is on
     writer.module("classifier.pt", NormalizedEncoder(classifier, writer.shift, writer.scale))
     description = {"arch": "classifier", "pretrain": spec.pretrain.model_dump(mode="json"),
                    "head": spec.head.model_dump(mode="json"), "classes": classes,
-                   "finetune_encoder": spec.finetune_encoder}  # fmt: skip
+                   "finetune_encoder": spec.finetune_encoder,
+                   "method": spec.head.method}  # fmt: skip
     return metrics, description

@@ -8,9 +8,16 @@ from workers.checkpoints import load_state
 from workers.models import Autoencoder, DenseAutoencoder, output_activation
 
 
-def layer_model(layer: LayerSpec, input_dim: int) -> DenseAutoencoder:
-    """The one-layer autoencoder that stage `layer` trains on its input."""
-    return DenseAutoencoder(layer.as_model(), input_dim, output_activation(layer.objective.loss))
+def layer_model(layer: LayerSpec, input_dim: int, below: LayerSpec | None) -> DenseAutoencoder:
+    """The one-layer autoencoder that stage `layer` trains on its input (the codes of the layer
+    `below`, or the data for the first layer).
+
+    Its decoder ends in the activation of the codes it reconstructs: stacked, the decoders then
+    form a nonlinear decoder. With a linear output on every layer the whole stack's decoder
+    was one linear map of the code, so it could never reconstruct better than PCA.
+    """
+    output = below.activation if below is not None else output_activation(layer.objective.loss)
+    return DenseAutoencoder(layer.as_model(), input_dim, output)
 
 
 class StackedAutoencoder(Autoencoder):
@@ -28,7 +35,8 @@ def build_stack(
     """The stack of `layers`, each loaded from its stage checkpoint when given."""
     models = []
     for i, layer in enumerate(layers):
-        model = layer_model(layer, input_dim if i == 0 else layers[i - 1].units)
+        below = layers[i - 1] if i else None
+        model = layer_model(layer, below.units if below else input_dim, below)
         if checkpoints is not None:
             model.load_state_dict(load_state(checkpoints[i])["model"])
         models.append(model)

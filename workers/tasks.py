@@ -4,8 +4,11 @@ The train loop (train_loop.py) is the same for every stage; a Task is what diffe
     autoencoder   a model of the spec on the data
     layer k       a one-layer autoencoder on the codes of the frozen layers 1..k-1
     finetune      the whole stack, end to end, from the layers' weights
-    head          a classifier on the pretrained encoder's codes, on the labeled subset
-    baseline      the same classifier on raw inputs, on the same labeled subset
+    scratch       the same stack from random weights, end to end (a stacked job's baseline)
+    head          a classifier on the pretrained encoder's codes, by the head's method:
+                  mlp on the labeled subset; joint on it and the reconstruction of every
+                  input; label_spreading on every input, labeled by spreading
+    baseline      an MLP classifier on raw inputs, on the same labeled subset
 """
 
 from collections.abc import Callable
@@ -28,7 +31,16 @@ from shared.specs import (
 )
 from shared.stages import StagePlan, plan_stages
 from workers.checkpoints import load_state
-from workers.classifier import Classifier, accuracy, freeze
+from workers.classifier import (
+    Classifier,
+    JointClassifier,
+    accuracy,
+    freeze,
+    joint_loss,
+    pseudo_labels,
+    scoring_model,
+    spread_labels,
+)
 from workers.data import Split, build_datasets, labeled_subset
 from workers.models import Autoencoder, build_model
 from workers.objectives import compute_loss, evaluate_reconstruction
@@ -100,6 +112,9 @@ def lr_field(spec: AnyJobSpec, stage: StagePlan) -> str:
     """The spec field that sets the learning rate of `stage` (what to lower when it diverges)."""
     if stage.kind in ("head", "baseline"):
         return "head.lr"
+    if stage.kind == "scratch":
+        assert isinstance(spec, StackedSpec)
+        return "finetune.lr" if spec.finetune is not None else "training.lr"
     prefix = "pretrain." if isinstance(spec, SemisupervisedSpec) else ""
     return f"{prefix}finetune.lr" if stage.kind == "finetune" else f"{prefix}training.lr"
 
@@ -123,6 +138,8 @@ def build_task(
         return _reconstruction_task(model, split.x_train, split.x_val, ae.objective, ae.training)
     if stage.kind in ("layer", "finetune"):
         return _stack_task(spec, stage, split, inputs)
+    if stage.kind == "scratch":
+        return _scratch_task(spec, split)
     return _classifier_task(spec, stage, split, inputs)
 
 
@@ -176,19 +193,31 @@ def _stack_task(spec: AnyJobSpec, stage: StagePlan, split: Split, inputs: dict[s
         frozen = list(build_stack(layers[:k], spec.data.input_dim, checkpoints).encoder)
     x_train = encode_through(frozen, torch.from_numpy(split.x_train)).numpy()
     x_val = encode_through(frozen, torch.from_numpy(split.x_val)).numpy()
-    model = layer_model(layers[k], x_train.shape[1])
+    model = layer_model(layers[k], x_train.shape[1], layers[k - 1] if k else None)
     return _reconstruction_task(model, x_train, x_val, layers[k].objective, training)
 
 
-def pretrained_encoder(spec: SemisupervisedSpec, inputs: dict[str, str]) -> tuple[nn.Module, int]:
-    """The encoder the pretraining stages produced, and its code size."""
+def _scratch_task(spec: AnyJobSpec, split: Split) -> Task:
+    assert isinstance(spec, StackedSpec)
+    stack = build_stack(spec.layers, spec.data.input_dim)  # random weights (seeded)
+    training = spec.training.model_copy(
+        update={"epochs": spec.scratch_epochs, "lr": spec.scratch_lr}
+    )
+    plain = ObjectiveSpec(loss=spec.layers[0].objective.loss)  # as the finetune stage's
+    return _reconstruction_task(stack, split.x_train, split.x_val, plain, training)
+
+
+def pretrained_autoencoder(
+    spec: SemisupervisedSpec, inputs: dict[str, str]
+) -> tuple[Autoencoder, int]:
+    """The autoencoder the pretraining stages produced, and its code size."""
     pretrain = spec.pretrain
     if isinstance(pretrain, PretrainAutoencoderSpec):
         model: Autoencoder = build_model(
             pretrain.model, spec.data.input_shape, pretrain.objective.loss
         )
         model.load_state_dict(load_state(inputs["pretrain"])["model"])
-        return model.encoder, pretrain.model.latent_dim
+        return model, pretrain.model.latent_dim
     layers = pretrain.layers
     if pretrain.finetune is not None:
         stack = build_stack(layers, spec.data.input_dim)
@@ -196,14 +225,33 @@ def pretrained_encoder(spec: SemisupervisedSpec, inputs: dict[str, str]) -> tupl
     else:
         checkpoints = [inputs[f"pretrain-layer{i + 1}"] for i in range(len(layers))]
         stack = build_stack(layers, spec.data.input_dim, checkpoints)
-    return stack.encoder, layers[-1].units
+    return stack, layers[-1].units
+
+
+def pretrained_encoder(spec: SemisupervisedSpec, inputs: dict[str, str]) -> tuple[nn.Module, int]:
+    """The encoder the pretraining stages produced, and its code size."""
+    model, code_dim = pretrained_autoencoder(spec, inputs)
+    return model.encoder, code_dim
+
+
+def reconstruction_kind(spec: SemisupervisedSpec) -> str:
+    """The pretraining's reconstruction loss (mse or bce), which a joint head goes on with."""
+    pretrain = spec.pretrain
+    if isinstance(pretrain, PretrainAutoencoderSpec):
+        return pretrain.objective.loss
+    return pretrain.layers[0].objective.loss
 
 
 def build_classifier(
     spec: SemisupervisedSpec, stage: StagePlan, inputs: dict[str, str], classes: int
-) -> Classifier:
+) -> Classifier | JointClassifier:
+    """The model `stage` trains: a Classifier, or for a joint head a JointClassifier."""
     if stage.kind == "baseline":
         return Classifier(nn.Identity(), spec.data.input_dim, spec.head.hidden, classes)
+    if spec.head.method == "joint":  # the encoder is trained: that is the method
+        autoencoder, code_dim = pretrained_autoencoder(spec, inputs)
+        classifier = Classifier(autoencoder.encoder, code_dim, spec.head.hidden, classes)
+        return JointClassifier(classifier, autoencoder.decoder)
     encoder, code_dim = pretrained_encoder(spec, inputs)
     if not spec.finetune_encoder:
         freeze(encoder)
@@ -219,27 +267,82 @@ def _classifier_task(
     chosen = labeled_subset(split.y_train, spec.labeled_fraction, spec.labeled_count,
                             spec.data.seed)  # fmt: skip
     model = build_classifier(spec, stage, inputs, classes)
-    x_val, y_val = OnDevice(torch.from_numpy(split.x_val)), OnDevice(torch.from_numpy(split.y_val))
+    scored = labeled_validation(spec, split.y_train, split.y_val, classes)
+    x_val = OnDevice(torch.from_numpy(split.x_val[scored]))
+    y_val = OnDevice(torch.from_numpy(split.y_val[scored]))
     x_test, y_test = torch.from_numpy(split.x_test), torch.from_numpy(split.y_test)
     training = head_training(spec)
+    method = "mlp" if stage.kind == "baseline" else spec.head.method
+    x_labeled, y_labeled = split.x_train[chosen], split.y_train[chosen]
+    extra: dict[str, float] = {}
+    arrays: tuple[np.ndarray, ...] = (x_labeled, y_labeled)
+    loss = _cross_entropy
+    if method == "joint":
+        arrays = (split.x_train, *_tiled(x_labeled, y_labeled, len(split.x_train), spec.data.seed))
+        loss = _joint(spec.head.weight, reconstruction_kind(spec))
+    elif method == "label_spreading":
+        assert isinstance(model, Classifier)
+        with torch.no_grad():
+            codes = model.encoder(torch.from_numpy(split.x_train)).numpy()
+        labels = np.full(len(split.y_train), -1, dtype=np.int64)
+        labels[chosen] = y_labeled
+        scores = spread_labels(codes, labels, classes, spec.head.k, spec.head.spread)
+        index, spread = pseudo_labels(scores, labels, spec.head.confidence)
+        arrays = (split.x_train[index], spread)
+        extra["pseudo_labeled"] = float(len(index) - len(chosen))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return {"val_accuracy": accuracy(m, x_val.like(m), y_val.like(m))}
+        scorer = scoring_model(m)
+        return {"val_accuracy": accuracy(scorer, x_val.like(m), y_val.like(m))}
 
     def final(m: nn.Module) -> dict[str, float]:
         device = OnDevice.device_of(m)
+        scorer = scoring_model(m)
         return {
             **evaluate(m),
-            "test_accuracy": accuracy(m, x_test.to(device), y_test.to(device)),
+            "test_accuracy": accuracy(scorer, x_test.to(device), y_test.to(device)),
             "labeled": float(len(chosen)),
+            "val_labeled": float(len(scored)),
             "classes": float(classes),
+            **extra,
         }
 
     return Task(
-        model=model,
-        arrays=(split.x_train[chosen], split.y_train[chosen]),
-        loss=lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]),
-        evaluate=evaluate,
-        final=final,
-        training=training,
+        model=model, arrays=arrays, loss=loss, evaluate=evaluate, final=final, training=training
     )
+
+
+def labeled_validation(
+    spec: SemisupervisedSpec, y_train: np.ndarray, y_val: np.ndarray, classes: int
+) -> np.ndarray:
+    """The validation samples whose labels the job may read: the training labels' share of
+    the validation split (at least one per class), so that choosing settings by val_accuracy
+    needs no more labels than a user of the method would have, and never the test split."""
+    share = len(labeled_subset(y_train, spec.labeled_fraction, spec.labeled_count,
+                               spec.data.seed)) / len(y_train)  # fmt: skip
+    count = min(len(y_val), max(classes, round(share * len(y_val))))
+    return labeled_subset(y_val, None, count, spec.data.seed)
+
+
+def _cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _joint(weight: float, kind: str) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, x_labeled, y_labeled = batch  # every input, and as many labeled ones (_tiled)
+        x_hat, logits = model(x, x_labeled)
+        return joint_loss(x_hat, x, logits, y_labeled, weight, kind)
+
+    return loss
+
+
+def _tiled(
+    x: np.ndarray, y: np.ndarray, length: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The labeled set repeated in shuffled rounds to `length` rows: each batch of every
+    input is paired with as many labeled ones, however few labels there are."""
+    rng = np.random.default_rng(seed)
+    rounds = -(-length // len(x))
+    order = np.concatenate([rng.permutation(len(x)) for _ in range(rounds)])[:length]
+    return x[order], y[order]

@@ -399,3 +399,83 @@ def test_refusals_and_warnings_survive_the_specs_round_trip() -> None:
         spec = parse_job_spec(yaml.safe_load(path.read_text()))
         again = JOB_SPEC_ADAPTER.validate_json(spec.model_dump_json())
         assert again == spec and again.warnings() == spec.warnings() == [], path.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Semi-supervised methods and the stacked baseline
+
+
+def _semisupervised(**head: Any) -> dict[str, Any]:
+    return {"kind": "semisupervised", "data": {"dataset": "digits"}, "labeled_fraction": 0.05,
+            "pretrain": {"kind": "autoencoder", "model": {"latent_dim": 16}},
+            "head": head}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("head", "field"),
+    [
+        ({"method": "mlp", "reconstruction_weight": 0.5}, "head.reconstruction_weight"),
+        ({"neighbors": 5}, "head.neighbors"),  # method defaults to mlp
+        ({"method": "joint", "alpha": 0.5}, "head.alpha"),
+        ({"method": "joint", "min_confidence": 0.5}, "head.min_confidence"),
+        ({"method": "label_spreading", "reconstruction_weight": 1.0}, "head.reconstruction_weight"),
+        ({"method": "tsvm"}, "head.method"),
+        ({"method": "label_spreading", "neighbors": 0}, "head.neighbors"),
+        ({"method": "label_spreading", "neighbors": 101}, "head.neighbors"),
+        ({"method": "label_spreading", "alpha": 1.0}, "head.alpha"),
+        ({"method": "label_spreading", "min_confidence": 1.0}, "head.min_confidence"),
+        ({"method": "joint", "reconstruction_weight": 0}, "head.reconstruction_weight"),
+    ],
+)  # fmt: skip
+def test_a_setting_the_heads_method_does_not_read_is_refused_naming_it(
+    head: dict[str, Any], field: str
+) -> None:
+    assert _field_blamed(_semisupervised(**head)) == field
+
+
+def test_more_neighbors_than_training_inputs_is_refused_naming_neighbors() -> None:
+    doc = _semisupervised(method="label_spreading", neighbors=60)
+    doc["data"] = {"dataset": "ds-0123456789abcdef01234567",
+                   "upload": {"input_shape": [4], "rows": 100, "classes": 3}}  # fmt: skip
+    # 100 rows: 80 after the test split, 64 after validation; 60 neighbors fit, 64 do not.
+    assert parse_job_spec(doc).training_rows() == 64  # type: ignore[union-attr]
+    doc["head"]["neighbors"] = 64
+    assert _field_blamed(doc) == "head.neighbors"
+    (error,) = errors_of(doc)
+    assert "64 training inputs" in error["msg"]
+
+
+def test_each_method_reads_its_own_settings_with_defaults() -> None:
+    mlp = parse_job_spec(_semisupervised()).head  # type: ignore[union-attr]
+    assert mlp.method == "mlp" and mlp.hidden == (64,)
+    joint = parse_job_spec(_semisupervised(method="joint")).head  # type: ignore[union-attr]
+    assert joint.weight == 1.0
+    spread = parse_job_spec(_semisupervised(  # type: ignore[union-attr]
+        method="label_spreading", neighbors=7, min_confidence=0.5)).head  # fmt: skip
+    assert (spread.k, spread.spread, spread.confidence) == (7, 0.99, 0.5)
+
+
+def test_a_joint_head_with_finetune_encoder_is_a_warning_naming_it() -> None:
+    doc = {**_semisupervised(method="joint"), "finetune_encoder": True}
+    (note,) = parse_job_spec(doc).warnings()
+    assert note.startswith("finetune_encoder: true has no effect with head.method joint")
+    assert parse_job_spec(_semisupervised(method="joint")).warnings() == []
+
+
+def test_method_settings_survive_the_specs_round_trip() -> None:
+    spec = parse_job_spec(_semisupervised(method="label_spreading", alpha=0.9))
+    again = parse_job_spec(json.loads(spec.model_dump_json()))  # null settings stay unset
+    assert again == spec
+    mlp = parse_job_spec(_semisupervised())
+    assert parse_job_spec(json.loads(mlp.model_dump_json())) == mlp
+
+
+def test_a_stack_trains_its_baseline_from_scratch_by_default_for_as_long_as_all_its_stages(
+) -> None:  # fmt: skip
+    spec = parse_job_spec({**_stacked(3), "training": {"epochs": 7, "lr": 0.01},
+                           "finetune": {"epochs": 5, "lr": 0.002}})  # fmt: skip
+    assert spec.baseline is True  # type: ignore[union-attr]
+    assert spec.scratch_epochs == 3 * 7 + 5 and spec.scratch_lr == 0.002  # type: ignore[union-attr]
+    plain = parse_job_spec({**_stacked(2), "training": {"epochs": 4, "lr": 0.01}})
+    assert plain.scratch_epochs == 8 and plain.scratch_lr == 0.01  # type: ignore[union-attr]
+    assert parse_job_spec({**_stacked(2), "baseline": False}).baseline is False  # type: ignore[union-attr]

@@ -20,14 +20,21 @@ def test_an_autoencoder_is_one_stage() -> None:
     assert (stage.name, stage.needs, stage.epochs, stage.demand) == ("train", (), 9, {"CPU": 1})
 
 
-def test_a_stack_is_a_chain_of_layers_then_the_finetune() -> None:
+def test_a_stack_is_a_chain_of_layers_then_the_finetune_beside_its_baseline() -> None:
     plan = plan_stages(parse_job_spec(stacked(finetune={"epochs": 3})))
-    assert [(s.name, s.needs, s.epochs) for s in plan] == [
-        ("layer1", (), 7), ("layer2", ("layer1",), 7), ("layer3", ("layer2",), 7),
-        ("finetune", ("layer3",), 3),
+    assert [(s.name, s.kind, s.needs, s.epochs) for s in plan] == [
+        ("layer1", "layer", (), 7), ("layer2", "layer", ("layer1",), 7),
+        ("layer3", "layer", ("layer2",), 7), ("finetune", "finetune", ("layer3",), 3),
+        # from scratch, needing nothing: it trains beside the chain, for all of its epochs
+        ("baseline", "scratch", (), 3 * 7 + 3),
     ]  # fmt: skip
-    assert [s.layer for s in plan] == [0, 1, 2, None]
+    assert [s.layer for s in plan] == [0, 1, 2, None, None]
     assert all(s.demand == {"CPU": 2} for s in plan)
+
+
+def test_a_stack_without_its_baseline_is_the_chain_alone() -> None:
+    plan = plan_stages(parse_job_spec(stacked(baseline=False)))
+    assert [s.name for s in plan] == ["layer1", "layer2", "layer3"]
 
 
 def test_semisupervised_runs_the_baseline_beside_the_pretraining() -> None:

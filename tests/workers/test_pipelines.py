@@ -49,14 +49,14 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def test_stacked_example_trains_layer_by_layer_then_finetunes(
+def test_stacked_example_trains_layer_by_layer_then_finetunes_beside_its_baseline(
     client: TestClient, store: JobStore, storage: Storage, settings: Settings,
     ray_address: str, tmp_path: Path, group_pool: GroupPool,
 ) -> None:  # fmt: skip
-    spec = example("stacked-digits.yaml", training__epochs=3, finetune__epochs=2)
+    spec = example("stacked-digits.yaml", training__epochs=2, finetune__epochs=1)
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
     assert [s["name"] for s in client.get(f"/v1/jobs/{job_id}").json()["stages"]] == [
-        "layer1", "layer2", "layer3", "finetune"]  # fmt: skip
+        "layer1", "layer2", "layer3", "finetune", "baseline"]  # fmt: skip
     run_one(store, storage, settings, ray_address, group_pool)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "succeeded", job["error"]
@@ -68,10 +68,15 @@ def test_stacked_example_trains_layer_by_layer_then_finetunes(
     for i in (1, 2, 3):
         assert metrics[f"layer{i}_val_mse"] > 0  # each layer's error on its own input
     assert 0 < metrics["val_mse"] < 0.2 and metrics["pca_val_mse"] > 0
+    # The same shape from scratch, for all 3 x 2 + 1 epochs of the pipeline, beside the chain.
+    assert stages["baseline"]["needs"] == [] and stages["baseline"]["epoch"] == 6
+    assert 0 < metrics["baseline_val_mse"] < 0.2
+    assert metrics["pretraining_gain"] == pytest.approx(
+        metrics["baseline_val_mse"] - metrics["val_mse"])  # fmt: skip
     encoder_file = tmp_path / "stack.pt"
     encoder_file.write_bytes(client.get(f"/v1/jobs/{job_id}/encoder").content)
     codes = torch.jit.load(str(encoder_file))(torch.rand(5, 64) * 16)
-    assert codes.shape == (5, 12) and bool(((codes > 0) & (codes < 1)).all())  # sigmoid codes
+    assert codes.shape == (5, 12) and bool((codes < 0).any())  # the linear code of the stack
 
 
 def test_semisupervised_example_reports_head_and_baseline_accuracy(
@@ -98,6 +103,8 @@ def test_semisupervised_example_reports_head_and_baseline_accuracy(
     assert metrics["accuracy_gain"] == pytest.approx(
         metrics["head_accuracy"] - metrics["baseline_accuracy"])  # fmt: skip
     assert metrics["labeled"] == round(0.2 * 1149)  # of the training split (digits, 64% of 1797)
+    # label spreading (the example's method) labeled every other training input
+    assert metrics["pseudo_labeled"] == 1149 - metrics["labeled"]
     assert "classifier.pt" in result["artifacts"]
     classifier_file = tmp_path / "classifier.pt"
     classifier_file.write_bytes(client.get(f"/v1/jobs/{job_id}/artifacts/classifier.pt").content)
@@ -121,11 +128,9 @@ def test_a_killed_stacked_job_resumes_at_the_stage_after_the_last_finished(
     client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
     empty_group_pool: GroupPool,  # its CPUs for the dispatchers in processes of their own
 ) -> None:  # fmt: skip
-    spec = example("stacked-digits.yaml", training__epochs=250, finetune=None)
-    spec["training"]["checkpoint_every"] = 50
-    spec["layers"] = spec["layers"][:2] + [{"units": 12, "activation": "sigmoid"}]
-    spec["layers"][0]["objective"] = {"loss": "mse"}
-    spec["layers"][1]["objective"] = {"loss": "mse"}
+    spec = example("stacked-digits.yaml", finetune=None, baseline=False)
+    spec["training"] = {"epochs": 250, "batch_size": 128, "lr": 0.003, "checkpoint_every": 50}
+    spec["layers"] = [{"units": units, "activation": "sigmoid"} for units in (48, 24, 12)]
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
     env = {**os.environ, "AETRAIN_REDIS_URL": settings.require_redis_url(),
            "AETRAIN_STORAGE": str(settings.storage_root), "RAY_ADDRESS": ray_address,
@@ -200,3 +205,32 @@ def test_semisupervised_on_a_stacked_pretraining_with_a_finetuned_encoder(
     assert "baseline_accuracy" not in metrics  # baseline: false plans no baseline stage
     encoder = client.get(f"/v1/jobs/{job_id}/encoder").content
     assert len(encoder) > 1000
+
+
+def test_a_joint_head_trains_encoder_decoder_and_head_together_and_exports_the_classifier(
+    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    tmp_path: Path, group_pool: GroupPool,
+) -> None:  # fmt: skip
+    spec = {
+        "kind": "semisupervised",
+        "data": {"dataset": "digits"},
+        "labeled_count": 60,
+        "pretrain": {"kind": "autoencoder", "model": {"hidden": [32], "latent_dim": 16},
+                     "training": {"epochs": 2}},
+        "head": {"method": "joint", "reconstruction_weight": 2.0, "hidden": [], "epochs": 2},
+        "baseline": False,
+    }  # fmt: skip
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    run_one(store, storage, settings, ray_address, group_pool)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "succeeded", job["error"]
+    head = {s["name"]: s for s in job["stages"]}["head"]
+    # every training input is reconstructed each epoch: 1149 rows, not the 60 labeled ones
+    assert head["metrics"]["samples_per_s"] * head["metrics"]["epoch_seconds"] == pytest.approx(
+        1149, rel=1e-6)  # fmt: skip
+    metrics = client.get(f"/v1/jobs/{job_id}/result").json()["metrics"]
+    assert metrics["labeled"] == 60 and 0.2 < metrics["head_accuracy"] <= 1
+    classifier_file = tmp_path / "classifier.pt"
+    classifier_file.write_bytes(client.get(f"/v1/jobs/{job_id}/artifacts/classifier.pt").content)
+    logits = torch.jit.load(str(classifier_file))(torch.rand(3, 64) * 16)
+    assert logits.shape == (3, 10)  # the classifier alone: the decoder is not exported
