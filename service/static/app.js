@@ -481,14 +481,20 @@ function describe(detail) {
   return detail.map((e) => `${e.field ?? (e.loc ?? []).join(".")}: ${e.msg}`).join("; ");
 }
 
-// The line of the spec text that sets `field` (a dotted path), to point at it.
+// The line of the spec text that sets `field` (a dotted path), to point at it: each key of
+// the path is looked for from the line of the one before, so `head.epochs` is not taken for
+// `training.epochs`. Null when the field is not written (a required one that is missing).
 function lineOf(text, field) {
-  const leaf = String(field).split(".").filter((p) => !/^\d+$/.test(p)).pop();
-  if (!leaf) return null;
-  const escaped = leaf.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-  const pattern = new RegExp(`(^|[\\s{,])["']?${escaped}["']?\\s*:`);
-  const index = text.split("\n").findIndex((line) => pattern.test(line));
-  return index < 0 ? null : index + 1;
+  const lines = text.split("\n");
+  let at = -1;
+  for (const key of String(field).split(".").filter((p) => !/^\d+$/.test(p))) {
+    const escaped = key.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+    const pattern = new RegExp(`(^|[\\s{,])["']?${escaped}["']?\\s*:`);
+    const found = lines.findIndex((line, i) => i >= Math.max(at, 0) && pattern.test(line));
+    if (found < 0) return null;
+    at = found;
+  }
+  return at < 0 ? null : at + 1;
 }
 
 function showSpecErrors(errors) {
