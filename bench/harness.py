@@ -56,7 +56,9 @@ def local_service() -> Iterator[Service]:
     redis_url = wait_for_ping(f"redis://127.0.0.1:{port}/0")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    settings = Settings(home=workdir, redis_url=redis_url, auth="off")
+    # Starlette's TestClient sends `Host: testserver`, which the local (auth off) API refuses
+    # unless allowed, as in tests/conftest.py.
+    settings = Settings(home=workdir, redis_url=redis_url, auth="off", allowed_hosts="testserver")
     try:
         with TestClient(create_app(settings)) as client:
             yield Service(
