@@ -158,14 +158,14 @@ def ray_address() -> Iterator[str]:
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_pool(redis_url: str, ray_address: str) -> Iterator["GroupPool"]:
-    """Warm worker groups shared by the dispatchers of one test module, as a dispatcher keeps
-    its own.
+    """Warm worker groups shared by the dispatchers of the session's tests, as a dispatcher
+    keeps its own.
 
-    A group takes ~10 s to start here; most tests need one that has trained something
-    before, not a new one. A lapsed hold (each test empties Redis) is taken again. Closed
-    with the module, so no other module finds its groups' keys or holds in Redis.
+    A group costs ~12 CPU-s to start on 2 cores, the largest fixed cost of the suite; most
+    tests need one that has trained something before, not a new one, so the pool lives as
+    long as the session's Ray. A lapsed hold (each test empties Redis) is taken again.
     """
     from workers.group_pool import GroupPool, PoolSettings  # Ray: only for the tests on it
 
@@ -180,12 +180,34 @@ def group_pool(shared_pool: "GroupPool") -> "GroupPool":
     return shared_pool
 
 
+def _settle(pool: "GroupPool") -> None:
+    """Wait until this process's Ray runs the workers of the pool's groups and no others
+    (Ray ends a retired group's workers a moment after its driver)."""
+    deadline = time.monotonic() + 30
+    while len(train_worker_pids()) > sum(g.shape.workers for g in pool.groups.values()):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def empty_group_pool(shared_pool: "GroupPool") -> "GroupPool":
-    """The shared pool without idle groups: for a test that counts or kills worker processes
-    (Ray ends a retired group's workers a moment after its driver)."""
+    """The shared pool without idle groups: for a test that needs every CPU of the cluster
+    for dispatchers of its own, or counts all worker processes."""
     shared_pool.retire_idle()
-    deadline = time.monotonic() + 30
-    while train_worker_pids() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    _settle(shared_pool)
+    return shared_pool
+
+
+@pytest.fixture
+def one_group_pool(shared_pool: "GroupPool") -> "GroupPool":
+    """The shared pool with at most one idle group, of one worker: for a test that counts
+    or kills the workers of the stage it runs, without paying for a new group when an
+    earlier test left one warm."""
+    from workers.group_pool import DEFAULT_SHAPE
+
+    keep = next((g for g in shared_pool.groups.values()
+                 if g.shape == DEFAULT_SHAPE and g.alive and not g.busy), None)  # fmt: skip
+    shared_pool.retire_idle(keep=keep)
+    _settle(shared_pool)
     return shared_pool

@@ -237,10 +237,10 @@ class GroupPool:
         return self.store.scheduler.hold(group.id, group.shape.need, self._cluster_total(),
                                          self.settings.hold_ttl_s)  # fmt: skip
 
-    def retire_idle(self) -> None:
-        """Let every idle group go now."""
+    def retire_idle(self, keep: WarmGroup | None = None) -> None:
+        """Let every idle group but `keep` go now."""
         with self._lock:
-            for group in [g for g in self.groups.values() if not g.busy]:
+            for group in [g for g in self.groups.values() if not g.busy and g is not keep]:
                 self._retire(group, "asked to let idle groups go")
 
     def _keep_warm(self, waiting: bool) -> None:

@@ -37,6 +37,13 @@ RAY_ENV = {
     # A group waits in Ray's queue (its placement group is all or nothing) while other
     # groups let go of the CPUs the scheduler granted it; the default 60 s would fail it.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "86400",
+    # Ray Train starts a PreemptionWatcher actor (a process, ~1.4 CPU-s) with every worker
+    # group to relax collective timeouts while a spot node is being reclaimed. A rank lost
+    # to a preemption restarts the group and resumes from its checkpoint either way; on
+    # clusters of spot nodes an operator can turn it on with this same variable.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get(
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"
+    ),
 }
 
 HEARTBEAT_CHECK_S = 1.0

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import descendants, free_port
 from tests.e2e.test_up import TERMINAL, UpProcess, _example, wait_for_job
+from workers.group_pool import GroupPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -27,7 +28,7 @@ def child_pid(up: UpProcess, command: str) -> int:
 
 
 def test_redis_killed_loses_no_acknowledged_job_and_the_api_says_503_meanwhile(
-    tmp_path: Path, ray_address: str
+    tmp_path: Path, ray_address: str, empty_group_pool: GroupPool
 ) -> None:
     up = UpProcess(tmp_path / ".aetrain", free_port(), ray_address)
     # `up` holds Redis down for 4 s, so the outage is there to observe whoever wins the race

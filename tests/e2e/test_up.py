@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
+from workers.group_pool import GroupPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -88,7 +89,11 @@ def wait_for_job(
     raise AssertionError(f"job {job_id} did not get there: {job}")
 
 
-def test_up_runs_the_example_and_a_restart_keeps_every_job(up: UpProcess, tmp_path: Path) -> None:
+def test_up_runs_the_example_and_a_restart_keeps_every_job(
+    up: UpProcess, tmp_path: Path, empty_group_pool: GroupPool
+) -> None:
+    """On the session's Ray, whose CPUs the session's idle groups give back first (the
+    stack's own Redis does not see their holds)."""
     up.start()
     submitted = up.cli("submit", str(EXAMPLE), "--wait")
     assert submitted.returncode == 0, submitted.stderr

@@ -64,15 +64,16 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
 @pytest.fixture
 def running_dispatchers(
     store: JobStore, storage: Storage, settings: Settings, ray_address: str,
-    empty_group_pool: GroupPool,
+    one_group_pool: GroupPool,
 ) -> Iterator[Callable[[int], list[Dispatcher]]]:  # fmt: skip
-    """Dispatchers sharing the session's pool, emptied first: their tests count workers."""
+    """Dispatchers sharing the session's pool, down to one idle 1-worker group: their tests
+    count workers."""
     started: list[tuple[Dispatcher, threading.Thread]] = []
 
     def start(count: int) -> list[Dispatcher]:
         for i in range(count):
             dispatcher = make_dispatcher(store, storage, settings, ray_address, f"d{i}",
-                                         pool=empty_group_pool)  # fmt: skip
+                                         pool=one_group_pool)  # fmt: skip
             thread = threading.Thread(target=dispatcher.run_forever, daemon=True)
             thread.start()
             started.append((dispatcher, thread))
