@@ -706,20 +706,20 @@ class HeadSpec(FrozenSpec):
         return self
 
     @property
-    def weight(self) -> float:
+    def joint_weight(self) -> float:
         """The joint loss's weight of reconstruction."""
         return self.reconstruction_weight or RECONSTRUCTION_WEIGHT_DEFAULT
 
     @property
-    def k(self) -> int:
+    def graph_neighbors(self) -> int:
         return self.neighbors or NEIGHBORS_DEFAULT
 
     @property
-    def spread(self) -> float:
+    def spread_alpha(self) -> float:
         return self.alpha or ALPHA_DEFAULT
 
     @property
-    def confidence(self) -> float:
+    def kept_confidence(self) -> float:
         return self.min_confidence or MIN_CONFIDENCE_DEFAULT
 
 
@@ -800,9 +800,9 @@ class SemisupervisedSpec(JobSpecBase):
         else:
             check_stack(self.pretrain.layers, self.data, "pretrain.")
         if self.head.method == "label_spreading" and self.data.resolved:
-            points = self.training_rows()
-            if self.head.k >= points:
-                raise ValueError(f"head.neighbors: {self.head.k} neighbors need more than the "
+            points, neighbors = self.training_rows(), self.head.graph_neighbors
+            if neighbors >= points:
+                raise ValueError(f"head.neighbors: {neighbors} neighbors need more than the "
                                  f"{points} training inputs of this dataset")  # fmt: skip
         return self
 

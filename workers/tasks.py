@@ -279,15 +279,16 @@ def _classifier_task(
     loss = _cross_entropy
     if method == "joint":
         arrays = (split.x_train, *_tiled(x_labeled, y_labeled, len(split.x_train), spec.data.seed))
-        loss = _joint(spec.head.weight, reconstruction_kind(spec))
+        loss = _joint(spec.head.joint_weight, reconstruction_kind(spec))
     elif method == "label_spreading":
         assert isinstance(model, Classifier)
         with torch.no_grad():
             codes = model.encoder(torch.from_numpy(split.x_train)).numpy()
         labels = np.full(len(split.y_train), -1, dtype=np.int64)
         labels[chosen] = y_labeled
-        scores = spread_labels(codes, labels, classes, spec.head.k, spec.head.spread)
-        index, spread = pseudo_labels(scores, labels, spec.head.confidence)
+        head = spec.head
+        scores = spread_labels(codes, labels, classes, head.graph_neighbors, head.spread_alpha)
+        index, spread = pseudo_labels(scores, labels, head.kept_confidence)
         arrays = (split.x_train[index], spread)
         extra["pseudo_labeled"] = float(len(index) - len(chosen))
 

@@ -449,10 +449,10 @@ def test_each_method_reads_its_own_settings_with_defaults() -> None:
     mlp = parse_job_spec(_semisupervised()).head  # type: ignore[union-attr]
     assert mlp.method == "mlp" and mlp.hidden == (64,)
     joint = parse_job_spec(_semisupervised(method="joint")).head  # type: ignore[union-attr]
-    assert joint.weight == 1.0
+    assert joint.joint_weight == 1.0
     spread = parse_job_spec(_semisupervised(  # type: ignore[union-attr]
         method="label_spreading", neighbors=7, min_confidence=0.5)).head  # fmt: skip
-    assert (spread.k, spread.spread, spread.confidence) == (7, 0.99, 0.5)
+    assert (spread.graph_neighbors, spread.spread_alpha, spread.kept_confidence) == (7, 0.99, 0.5)
 
 
 def test_a_joint_head_with_finetune_encoder_is_a_warning_naming_it() -> None:
