@@ -78,6 +78,7 @@ def test_a_chain_of_stages_trains_on_one_group(
         "layers": [{"units": 32}, {"units": 12}],
         "training": {"epochs": 2},
         "finetune": {"epochs": 2},
+        "baseline": False,  # it trains beside the chain, on a group of its own
     }
     dispatcher = start_dispatcher()
     job_id = client.post("/v1/jobs", json=spec).json()["id"]

@@ -158,7 +158,9 @@ def test_a_runner_whose_lease_is_gone_writes_and_prunes_no_checkpoint(
     stale = claimed(store)
     job_id = stale.job.id
     store.redis.delete(store.keys.lease(job_id))  # it froze past its lease...
-    owner = store.claim("d2", TTL_S, block_ms=100)  # ...and the job was taken over
+    # ...and the job was taken over, by an owner whose lease outlasts a loaded machine's
+    # slowest checkpoint write
+    owner = store.claim("d2", 60.0, block_ms=100)
     assert owner is not None and owner.token > stale.token
     run = tmp_path / "run"
     folders = checkpoints_in(run, range(6))
