@@ -7,15 +7,17 @@
                      head trained on every input that got a confident label
 """
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from scipy import sparse
-from scipy.sparse.linalg import spsolve
-from sklearn.neighbors import kneighbors_graph
 from torch import nn
 from torch.nn import functional as F
 
 from workers.losses import reconstruction_loss
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 
 class Classifier(nn.Module):
@@ -79,9 +81,14 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(dim=1) == y).float().mean())
 
 
-def knn_affinity(codes: np.ndarray, neighbors: int) -> sparse.csr_matrix:
+def knn_affinity(codes: np.ndarray, neighbors: int) -> "sparse.csr_matrix":
     """W: a symmetric k-NN graph with heat-kernel weights exp(-(d / sigma)^2), sigma the
     median distance to a neighbor (so the weights do not depend on the codes' scale)."""
+    # Imported here: every rank imports this module, and only label spreading needs them
+    # (~1 CPU-s at each rank's start on 2 cores).
+    from scipy import sparse
+    from sklearn.neighbors import kneighbors_graph
+
     graph = kneighbors_graph(codes, neighbors, mode="distance", include_self=False)
     sigma = float(np.median(graph.data)) or 1.0
     graph.data = np.exp(-((graph.data / sigma) ** 2))
@@ -97,6 +104,9 @@ def spread_labels(
     Each row is normalized to sum to 1 (a confidence per class); a point that no labeled
     point reaches has a row of zeros.
     """
+    from scipy import sparse
+    from scipy.sparse.linalg import spsolve
+
     w = knn_affinity(codes, neighbors)
     degree = np.asarray(w.sum(axis=1)).ravel()
     d = sparse.diags(1.0 / np.sqrt(np.maximum(degree, 1e-12)))

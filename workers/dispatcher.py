@@ -25,7 +25,6 @@ from workers.group_pool import GroupPool, PoolSettings
 from workers.janitor import SWEEP_INTERVAL_S, sweep_logged
 from workers.lease import LeaseKeeper
 from workers.metrics import DispatcherMetrics
-from workers.results import finalize
 from workers.runner import Stopped, StopReason
 from workers.stage_graph import StageFailed, StageGraph, Wiring, cluster_size
 
@@ -273,6 +272,11 @@ class Dispatcher:
             lambda: self.store.holds_lease(job_id, claim.token), "check the lease"
         ):
             raise LeaseLost(job_id, claim.token)
+        # Imported at the first job's end, not at the start: the artifacts need scikit-learn,
+        # matplotlib and the ONNX exporter (~4 CPU-s), which a dispatcher that is stopped or
+        # taken over before then never uses.
+        from workers.results import finalize
+
         result = finalize(job, checkpoints, history, folder, timings, self.storage.datasets_root)
         return {**result, "folder": relative}
 
