@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 LEASE_TTL_S = 3
 # Long enough that the new owner still trains well after the frozen one wakes.
-EPOCHS, CHECKPOINT_EVERY, BATCH, FREEZE_AT = 300, 10, 32, 20
+EPOCHS, CHECKPOINT_EVERY, BATCH, FREEZE_AT = 150, 10, 32, 20
 
 
 def children(pid: int, name: str) -> list[int]:
