@@ -399,9 +399,13 @@ class Client:
         """The answer's body streamed into `target`, which appears only once it is whole."""
         partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
         try:
-            with self._stream(method, path, **kwargs) as response, open(partial, "wb") as out:
-                for chunk in response.iter_bytes():
-                    out.write(chunk)
+            with self._stream(method, path, **kwargs) as response:
+                # Once the API has answered: a nested artifact name (tensorboard/...) needs its
+                # folders, and a refused one leaves none behind.
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(partial, "wb") as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)

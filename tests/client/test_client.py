@@ -270,6 +270,24 @@ def test_download_streams_an_artifact_to_a_file_and_leaves_nothing_on_a_404(
     assert sorted(p.name for p in out.iterdir()) == ["model-copy.json", "result.json"]
 
 
+def test_a_nested_artifact_downloads_into_its_folders_and_a_refused_one_leaves_none(
+    api: Client, store: JobStore, storage: Storage, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    nested = "tensorboard/train/events.out.tfevents.1.aetrain"
+    job = succeeded_job(store, storage, artifacts=["result.json", nested])
+    monkeypatch.chdir(tmp_path)
+    path = api.download(job.id, nested)
+    assert path == Path(nested)
+    assert (tmp_path / nested).read_bytes() == artifact_bytes(job.id, nested)
+    with pytest.raises(NotFound):
+        api.download(job.id, "missing/deep/events.bin")
+    assert not (tmp_path / "missing").exists()
+    # Into a folder: the file under its own name.
+    flat = api.download(job.id, nested, tmp_path)
+    assert flat == tmp_path / "events.out.tfevents.1.aetrain" and flat.is_file()
+
+
 def test_load_encoder_returns_the_jobs_torchscript_module_ready_to_use(
     api: Client, store: JobStore, storage: Storage
 ) -> None:

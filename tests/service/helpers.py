@@ -41,6 +41,7 @@ def succeeded_job(
     folder = storage.attempt_folder(job.id, claim.token)
     (storage.root / folder).mkdir(parents=True)
     for name in artifacts:
+        (storage.root / folder / name).parent.mkdir(parents=True, exist_ok=True)
         (storage.root / folder / name).write_bytes(artifact_bytes(job.id, name))
     result = {"artifacts": artifacts, "folder": folder, "metrics": {"val_mse": 0.01}}
     return store.finish(claim, JobState.SUCCEEDED, result=result)
