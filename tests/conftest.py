@@ -183,14 +183,31 @@ _POOLS: list["GroupPool"] = []
 
 
 @pytest.fixture(autouse=True)
-def _warm_groups_only_for_ray_tests(request: pytest.FixtureRequest) -> None:
+def _warm_groups_only_for_ray_tests(request: pytest.FixtureRequest) -> Iterator[None]:
     """A test off Ray finds no warm group: their holds would take room in the scheduler it
     tests, and their idle ranks' reads would count in the Redis it measures. The Ray modules
     run first in each process, so the groups are not needed again; a Ray test after this
-    starts the pool again."""
+    starts the pool again.
+
+    After a Ray test, at most one idle 1-worker group stays: the one most tests can use. An
+    idle group costs ~5% of a core and holds its CPUs; those a test left (two at once, two
+    workers wide) would otherwise idle on through the rest of the session."""
     if request.node.get_closest_marker("ray") is None:
         for pool in _POOLS:
             pool.close()
+        yield
+        return
+    yield
+    for pool in _POOLS:
+        _keep_one_idle_group(pool)
+
+
+def _keep_one_idle_group(pool: "GroupPool") -> None:
+    from workers.group_pool import DEFAULT_SHAPE
+
+    keep = next((g for g in pool.groups.values()
+                 if g.shape == DEFAULT_SHAPE and g.alive and not g.busy), None)  # fmt: skip
+    pool.retire_idle(keep=keep)
 
 
 @pytest.fixture
@@ -222,10 +239,6 @@ def one_group_pool(shared_pool: "GroupPool") -> "GroupPool":
     """The shared pool with at most one idle group, of one worker: for a test that counts
     or kills the workers of the stage it runs, without paying for a new group when an
     earlier test left one warm."""
-    from workers.group_pool import DEFAULT_SHAPE
-
-    keep = next((g for g in shared_pool.groups.values()
-                 if g.shape == DEFAULT_SHAPE and g.alive and not g.busy), None)  # fmt: skip
-    shared_pool.retire_idle(keep=keep)
+    _keep_one_idle_group(shared_pool)
     _settle(shared_pool)
     return shared_pool
