@@ -17,13 +17,13 @@ Each finished job is appended to --out as one JSON line, so a long bench can run
 import argparse
 import copy
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+from paired import beyond_two_se, mean_std
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # setting -> (example, the labels it asks for)
@@ -58,16 +58,8 @@ def spec_for(setting: str, method: str, seed: int) -> dict[str, Any]:
     return spec
 
 
-def mean_std(values: list[float], scale: float = 100.0) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.mean(values):5.1f} ± {scale * spread:4.1f}"
-
-
-def beyond_two_se(gains: list[float]) -> str:
-    if len(gains) < 2:
-        return "-"
-    se = statistics.stdev(gains) / math.sqrt(len(gains))
-    return "yes" if abs(statistics.mean(gains)) > 2 * se else "no"
+def percent(values: list[float]) -> str:
+    return mean_std(values, scale=100, digits=1)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -91,7 +83,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             target = f"{target}: {'met' if met else 'not met'}"
         wall = statistics.mean(r["wall_s"] for r in runs)
         print(f"| {setting} ({len(runs)} seeds) | {int(runs[0]['labeled'])} | {method} | "
-              f"{mean_std(heads)} | {mean_std(baselines)} | {mean_std(gains)} | "
+              f"{percent(heads)} | {percent(baselines)} | {percent(gains)} | "
               f"{beyond_two_se(gains)} | {wall:.0f} | {target} |")  # fmt: skip
 
 

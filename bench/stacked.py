@@ -13,13 +13,13 @@ can run in pieces; --table-only prints the table of what was measured so far.
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+from paired import beyond_two_se, mean_std
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NAMES = ("stacked-digits", "stacked-mnist5k")
@@ -31,19 +31,6 @@ def spec_for(name: str, seed: int) -> dict[str, Any]:
     spec["training"] = {**spec.get("training", {}), "seed": seed}
     spec["name"] = f"bench-{name}-{seed}"
     return spec
-
-
-def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.5f} ± {spread:.5f}"
-
-
-def below(differences: list[float]) -> str:
-    """Whether a paired difference (stack - other) is below 0 beyond 2 standard errors."""
-    if len(differences) < 2:
-        return "-"
-    se = statistics.stdev(differences) / math.sqrt(len(differences))
-    return "yes" if statistics.mean(differences) < -2 * se else "no"
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -61,8 +48,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         vs_scratch = [s - b for s, b in zip(stack, scratch, strict=True)]
         wall = statistics.mean(r["wall_s"] for r in runs)
         print(f"| {name} ({len(runs)} seeds) | {runs[0]['code']} | {mean_std(stack)} | "
-              f"{mean_std(scratch)} | {mean_std(pca)} | {mean_std(vs_pca)} | {below(vs_pca)} | "
-              f"{mean_std(vs_scratch)} | {below(vs_scratch)} | {wall:.0f} |")  # fmt: skip
+              f"{mean_std(scratch)} | {mean_std(pca)} | {mean_std(vs_pca)} | "
+              f"{beyond_two_se(vs_pca, sign=-1)} | {mean_std(vs_scratch)} | "
+              f"{beyond_two_se(vs_scratch, sign=-1)} | {wall:.0f} |")  # fmt: skip
 
 
 def main() -> int:
