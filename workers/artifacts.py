@@ -13,6 +13,7 @@ from torch import nn
 
 from shared.specs import DenoisingSpec, ObjectiveSpec
 from workers.data import Split
+from workers.export_lock import script
 from workers.figures import save_curves, save_latent, save_reconstructions
 from workers.models import Autoencoder, ExportedAutoencoder, NormalizedEncoder
 from workers.objectives import corrupt, evaluate_reconstruction, jacobian_frobenius
@@ -64,7 +65,7 @@ class ArtifactWriter:
         """encoder.pt (TorchScript), encoder.safetensors and encoder.onnx, normalization
         built in."""
         exported = NormalizedEncoder(encoder, self.shift, self.scale).eval()
-        torch.jit.script(exported).save(str(self._path("encoder.pt")))
+        script(exported).save(str(self._path("encoder.pt")))
         tensors = {k: v.detach().contiguous() for k, v in exported.state_dict().items()}
         save_file(tensors, str(self._path("encoder.safetensors")))
         self._bytes("encoder.onnx", onnx_bytes(exported, self.split.input_dim))
@@ -74,7 +75,7 @@ class ArtifactWriter:
         """The encoder files, autoencoder.pt, codes for interpolation and the pictures."""
         self.encoder(model.encoder)
         exported = ExportedAutoencoder(model, self.shift, self.scale).eval()
-        torch.jit.script(exported).save(str(self._path("autoencoder.pt")))
+        script(exported).save(str(self._path("autoencoder.pt")))
         # The API decodes for interpolation from these weights, never from a TorchScript file.
         # save_model stores a tied decoder's shared tensors once.
         save_model(exported, str(self._path("autoencoder.safetensors")))
@@ -92,7 +93,7 @@ class ArtifactWriter:
         save_latent(self._path("latent.png"), codes, self.split.y_val)
 
     def module(self, name: str, module: nn.Module) -> None:
-        torch.jit.script(module.eval()).save(str(self._path(name)))
+        script(module).save(str(self._path(name)))
 
     def json(self, name: str, value: Any) -> None:
         self._text(name, json.dumps(value, indent=2))

@@ -5,18 +5,16 @@ never imports torch to convert one.
 """
 
 import io
-import threading
 
 import torch
 from torch import nn
+
+from workers.export_lock import EXPORTING
 
 INPUT, OUTPUT = "x", "codes"
 # Every operator our encoders use (Gemm, Conv, Reshape, the activations; GELU as Erf) is in
 # opset 13; 17 is read by every onnxruntime since 1.13 (2022) and by the other runtimes.
 OPSET = 17
-# torch's exporter keeps its state in module globals (GLOBALS.in_onnx_export): two jobs
-# finalized at once by one dispatcher's threads failed with "in_onnx_export must be True".
-_EXPORTING = threading.Lock()
 
 
 def onnx_bytes(module: nn.Module, input_dim: int) -> bytes:
@@ -25,7 +23,7 @@ def onnx_bytes(module: nn.Module, input_dim: int) -> bytes:
     # Two rows, not one: a size-1 dimension is one the tracer might fold into a constant.
     example = torch.zeros(2, input_dim)
     buffer = io.BytesIO()
-    with _EXPORTING, torch.no_grad():
+    with EXPORTING, torch.no_grad():
         # dynamo=False: the TorchScript-based exporter (deprecated since torch 2.9, still in
         # 2.13) needs only `onnx`. Measured on the digits-dense example, 2 cores: 0.03-0.04 s
         # of a 0.7 s finalize (0.2-0.6 s for the first export in a process, its imports); the

@@ -119,3 +119,42 @@ def test_encoders_exported_from_several_threads_at_once_are_each_whole() -> None
         with torch.no_grad():
             expected = module(torch.from_numpy(batch)).numpy()
         assert np.abs(codes - expected).max() < 1e-5
+
+
+SCRIPT_IN_THREADS = """
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from workers.export_lock import script
+from workers.models import NormalizedEncoder
+
+encoders = [NormalizedEncoder(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)),
+                              torch.zeros(8), torch.ones(8)) for _ in range(8)]
+started = threading.Barrier(len(encoders))
+
+def compile_one(encoder):
+    started.wait()
+    return script(encoder)
+
+with ThreadPoolExecutor(len(encoders)) as pool:
+    scripted = list(pool.map(compile_one, encoders))
+x = torch.rand(3, 8)
+for encoder, compiled in zip(encoders, scripted, strict=True):
+    assert torch.equal(compiled(x), encoder(x))
+print("all", len(scripted))
+"""
+
+
+def test_torchscript_compiled_from_several_threads_at_once_in_a_new_process() -> None:
+    """TorchScript compiles a class once per process; eight threads doing it at once for the
+    first time failed with "Can't redefine method: forward" (5 of 5 runs) before the lock."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", SCRIPT_IN_THREADS], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parents[2])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["all", "8"]
