@@ -12,11 +12,8 @@ beating (frozen, or dead) ends itself (warm_group.py).
 """
 
 import logging
-import os
 import queue
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,7 +28,7 @@ import redis
 from shared.claims import Claim
 from shared.group_channel import GroupChannel, GroupConfig, GroupShape, StageTask
 from shared.store import JobStore
-from workers.processes import parent_death_env
+from workers.group_launcher import DriverProcess, GroupLauncher
 
 log = logging.getLogger("aetrain.groups")
 
@@ -52,7 +49,7 @@ class PoolSettings:
 
 
 class WarmGroup:
-    def __init__(self, config: GroupConfig, process: subprocess.Popen[bytes],
+    def __init__(self, config: GroupConfig, process: DriverProcess,
                  channel: GroupChannel, folder: Path) -> None:  # fmt: skip
         self.config, self.process, self.channel, self.folder = config, process, channel, folder
         self.id, self.shape = config.group_id, config.shape
@@ -92,11 +89,13 @@ class GroupPool:
         self._total: dict[str, float] = {}
         self._total_at = 0.0
         self._launches: queue.Queue[tuple[GroupShape, Future[WarmGroup]]] = queue.Queue()
+        self.launcher = GroupLauncher()
 
     # -- life of the pool -----------------------------------------------------------------------
     def start(self) -> "GroupPool":
         with self._lock:
             if self._thread is None:
+                self.launcher.start()  # its imports, while nothing waits for a group yet
                 self._closed.clear()
                 self._thread = threading.Thread(target=self._maintain_forever,
                                                 name="group-pool", daemon=True)  # fmt: skip
@@ -114,6 +113,7 @@ class GroupPool:
         with self._lock:
             for group in list(self.groups.values()):
                 self._retire(group, "the dispatcher stops")
+        self.launcher.close()
 
     # -- what stages use ------------------------------------------------------------------------
     def offer(self, shape: GroupShape) -> str | None:
@@ -277,13 +277,7 @@ class GroupPool:
         channel.delete()
         channel.beat(self.settings.heartbeat_timeout_s)
         (folder / "config.json").write_text(config.model_dump_json())
-        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
-               **parent_death_env()}  # fmt: skip
-        with open(folder / "group.log", "ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "workers.warm_group", str(folder / "config.json")],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            )  # fmt: skip
+        process = self.launcher.launch(folder / "config.json", folder / "group.log")
         group = WarmGroup(config, process, channel, folder)
         group.busy = busy
         self.groups[group_id] = group

@@ -1,4 +1,4 @@
-"""A warm worker group, in a process of its own: `python -m workers.warm_group CONFIG`.
+"""A warm worker group, in a process of its own that the group launcher forked.
 
 The process is the Ray driver of one long-lived TorchTrainer run whose ranks train stage
 after stage (group_loop.py). Ray Train keeps the group: it starts the workers, sets up the
@@ -13,7 +13,6 @@ so that a frozen dispatcher's group does not keep its CPUs from the runner that 
 """
 
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +25,6 @@ from ray.train.torch import TorchConfig
 from shared.group_channel import GroupChannel, GroupConfig
 from shared.redis_keys import Keys
 from shared.store import connect
-from workers.processes import die_with_parent_from_env
 from workers.stage_trainer import StageTrainer, group_loop_entry
 
 RAY_ENV = {
@@ -106,12 +104,8 @@ def run(config: GroupConfig) -> None:
     trainer.fit()
 
 
-def main() -> None:
-    die_with_parent_from_env()
-    config = GroupConfig.model_validate_json(Path(sys.argv[1]).read_text())
+def serve(config_path: Path) -> None:
+    """The driver's life, in a process the group launcher forked (group_launcher.py)."""
+    config = GroupConfig.model_validate_json(config_path.read_text())
     end_when_orphaned(config)
     run(config)
-
-
-if __name__ == "__main__":
-    main()

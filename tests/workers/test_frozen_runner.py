@@ -49,6 +49,12 @@ def children(pid: int, name: str) -> list[int]:
     return found
 
 
+def group_drivers(dispatcher: int) -> list[int]:
+    """The live drivers of a dispatcher's warm groups: the children of its group launcher."""
+    return [driver for launcher in children(dispatcher, "workers.group_launcher")
+            for driver in children(launcher, "workers.group_launcher")]  # fmt: skip
+
+
 class Peak(threading.Thread):
     """The most Ray Train workers seen alive at once (stopped ones too), sampled until stopped."""
 
@@ -112,7 +118,7 @@ def test_a_dispatcher_frozen_past_its_lease_and_woken_leaves_the_new_owner_alone
         return int(store.redis.get(store.keys.lease(job_id)) or 0)
 
     wait_for(lambda: epoch() >= FREEZE_AT, 90, f"epoch {FREEZE_AT}")
-    (first,) = [p for p in two_dispatchers if children(p.pid, "workers.warm_group")]
+    (first,) = [p for p in two_dispatchers if group_drivers(p.pid)]
     old_token = lease_token()
     first.send_signal(signal.SIGSTOP)
     frozen_at, frozen_epoch = time.monotonic(), epoch()
@@ -121,9 +127,9 @@ def test_a_dispatcher_frozen_past_its_lease_and_woken_leaves_the_new_owner_alone
     wait_for(lambda: store.get(job_id).takeovers == 1, 30, "the takeover")
     print(f"{seconds()}: taken over {time.monotonic() - frozen_at:.1f} s after the freeze")
     # Its group saw the lease go and ended the stage at once; then the group saw its frozen
-    # dispatcher's heartbeat lapse and ended itself (a zombie: its parent is stopped), giving
-    # its CPU back to Ray for the new owner.
-    wait_for(lambda: not children(first.pid, "workers.warm_group"), 20, "the stale group's end")
+    # dispatcher's heartbeat lapse and ended itself, giving its CPU back to Ray for the new
+    # owner (its launcher, not frozen, reaps it).
+    wait_for(lambda: not group_drivers(first.pid), 20, "the stale group's end")
     stale_epochs = [e for _, e in store.metrics_after(job_id) if e["token"] == old_token]
     print(f"{seconds()}: stale group ended; its last epoch {stale_epochs[-1]['epoch']}")
 

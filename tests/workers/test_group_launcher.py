@@ -1,0 +1,94 @@
+"""The group launcher forks warm groups' drivers; what the pool relies on, without Ray: the
+return code of a driver that failed and its traceback in its log, a kill, and that drivers end
+with their launcher (and so with their dispatcher)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from workers.group_launcher import GroupLauncher
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def launcher() -> Iterator[GroupLauncher]:
+    launcher = GroupLauncher()
+    launcher.start()
+    yield launcher
+    launcher.close()
+
+
+def blocked_config(tmp_path: Path) -> Path:
+    """A config that is a FIFO nobody writes to: the driver blocks reading it, alive."""
+    path = tmp_path / "config.json"
+    os.mkfifo(path)
+    return path
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_driver_that_fails_reports_its_code_and_leaves_its_traceback_in_its_log(
+    launcher: GroupLauncher, tmp_path: Path
+) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    driver = launcher.launch(tmp_path / "config.json", tmp_path / "group.log")
+    assert driver.wait(timeout=30) == 1
+    assert driver.poll() == 1
+    log = (tmp_path / "group.log").read_text()
+    assert "Traceback" in log and "GroupConfig" in log, log
+
+
+def test_a_killed_driver_is_gone_and_reported_killed(
+    launcher: GroupLauncher, tmp_path: Path
+) -> None:
+    driver = launcher.launch(blocked_config(tmp_path), tmp_path / "group.log")
+    time.sleep(0.5)
+    assert driver.poll() is None and alive(driver.pid)
+    driver.kill()
+    assert driver.wait(timeout=10) == -signal.SIGKILL
+    assert not alive(driver.pid)
+    driver.kill()  # a second kill of an ended driver is harmless
+
+
+PARENT = """
+import sys, time
+from pathlib import Path
+from workers.group_launcher import GroupLauncher
+
+launcher = GroupLauncher()
+folder = Path(sys.argv[1])
+driver = launcher.launch(folder / "config.json", folder / "group.log")
+print(launcher._process.pid, driver.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_drivers_end_with_the_dispatcher_that_launched_them(tmp_path: Path) -> None:
+    """A dispatcher killed outright (SIGKILL): its launcher sees its stdin close and ends,
+    and the drivers get their parent-death signal: no Ray job of a dead dispatcher lives on."""
+    blocked_config(tmp_path)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[2])  # fmt: skip
+    assert parent.stdout is not None
+    launcher_pid, driver_pid = (int(pid) for pid in parent.stdout.readline().split())
+    assert alive(launcher_pid) and alive(driver_pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while (alive(launcher_pid) or alive(driver_pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(launcher_pid) and not alive(driver_pid)
