@@ -9,9 +9,10 @@ thread that a fork could catch holding a lock (Ray is imported, never initialize
 
 Its protocol is JSON lines: the pool writes a `LaunchRequest` to its stdin; it answers
 `{"launched": pid}` (or `{"error": ...}`) and, when a driver ends, `{"exited": pid,
-"code": returncode}` on its stdout. When the pool closes its stdin, or its dispatcher dies,
-the launcher ends, and its drivers get their parent-death signal, as drivers started by the
-dispatcher itself did: their Ray jobs end with them.
+"code": returncode}` on its stdout. One launcher serves every pool of a process
+(`shared_launcher`). When its stdin closes, or the dispatcher's process dies, it ends, and
+its drivers get their parent-death signal, as drivers started by the dispatcher itself did:
+their Ray jobs end with them.
 """
 
 import contextlib
@@ -25,7 +26,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict
 
@@ -179,9 +180,15 @@ class DriverProcess:
 
 
 class GroupLauncher:
-    """The pool's side. `start` begins the launcher's imports without waiting for them (the
-    pool starts it with itself, before any group is asked for); `launch` waits for them,
-    then starts one driver at a time. A launcher that died is started again."""
+    """The pool's side. `start` begins the launcher's imports without waiting for them;
+    `launch` waits for them, then starts one driver at a time. A launcher that died is
+    started again.
+
+    The launcher process is started by a thread of its own that reads its answers until it
+    ends: its parent-death signal fires when the thread that started it ends
+    (PR_SET_PDEATHSIG), not the process, and a stage's thread that started it would have
+    taken every group down with it as the stage ended.
+    """
 
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
@@ -222,6 +229,11 @@ class GroupLauncher:
             self._exited.wait_for(lambda: pid in self._exits or self._gone, timeout)
             return self._exits.pop(pid, -signal.SIGKILL)
 
+    @property
+    def pid(self) -> int | None:
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
     def close(self) -> None:
         """End the launcher (its drivers, if any are left, end with it)."""
         with self._lock:
@@ -240,22 +252,31 @@ class GroupLauncher:
     def _running(self) -> "subprocess.Popen[bytes]":
         if self._process is not None and self._process.poll() is None:
             return self._process
-        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
-               **parent_death_env()}  # fmt: skip
-        process = subprocess.Popen(
-            [sys.executable, "-m", "workers.group_launcher"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-        )  # fmt: skip
         self._ready, self._replies, self._gone = threading.Event(), queue.Queue(), False
-        assert process.stdout is not None
-        threading.Thread(target=self._read, args=(process.stdout, self._ready, self._replies),
+        started: queue.Queue[subprocess.Popen[bytes] | BaseException] = queue.Queue()
+        threading.Thread(target=self._run, args=(started, self._ready, self._replies),
                          name="group-launcher", daemon=True).start()  # fmt: skip
+        process = started.get()
+        if isinstance(process, BaseException):
+            raise RuntimeError(f"the group launcher could not be started: {process}") from process
         self._process = process
         return process
 
-    def _read(self, stdout: IO[bytes], ready: threading.Event,
-              replies: "queue.Queue[dict[str, Any]]") -> None:  # fmt: skip
-        for line in stdout:
+    def _run(self, started: "queue.Queue[subprocess.Popen[bytes] | BaseException]",
+             ready: threading.Event, replies: "queue.Queue[dict[str, Any]]") -> None:  # fmt: skip
+        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+               **parent_death_env()}  # fmt: skip
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "workers.group_launcher"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            )  # fmt: skip
+        except OSError as exc:
+            started.put(exc)
+            return
+        started.put(process)
+        assert process.stdout is not None
+        for line in process.stdout:
             message = json.loads(line)
             if "exited" in message:
                 with self._exited:
@@ -270,6 +291,21 @@ class GroupLauncher:
         with self._exited:
             self._gone = True
             self._exited.notify_all()
+
+
+_SHARED: GroupLauncher | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_launcher() -> GroupLauncher:
+    """The process's launcher: every pool in a process (a dispatcher has one; the tests run
+    several) forks its drivers from it, so its imports are paid once per process. It ends
+    with the process."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            _SHARED = GroupLauncher()
+        return _SHARED
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import redis
 from shared.claims import Claim
 from shared.group_channel import GroupChannel, GroupConfig, GroupShape, StageTask
 from shared.store import JobStore
-from workers.group_launcher import DriverProcess, GroupLauncher
+from workers.group_launcher import DriverProcess, shared_launcher
 
 log = logging.getLogger("aetrain.groups")
 
@@ -89,7 +89,7 @@ class GroupPool:
         self._total: dict[str, float] = {}
         self._total_at = 0.0
         self._launches: queue.Queue[tuple[GroupShape, Future[WarmGroup]]] = queue.Queue()
-        self.launcher = GroupLauncher()
+        self.launcher = shared_launcher()
 
     # -- life of the pool -----------------------------------------------------------------------
     def start(self) -> "GroupPool":
@@ -113,7 +113,6 @@ class GroupPool:
         with self._lock:
             for group in list(self.groups.values()):
                 self._retire(group, "the dispatcher stops")
-        self.launcher.close()
 
     # -- what stages use ------------------------------------------------------------------------
     def offer(self, shape: GroupShape) -> str | None:
@@ -141,9 +140,7 @@ class GroupPool:
                 return group
             if group is not None:
                 self._retire(group, "it died while idle")
-        # Started by the pool's thread, not this one: the group's parent-death signal fires
-        # when the thread that started it ends (PR_SET_PDEATHSIG), and a stage's thread ends
-        # with the stage.
+        # Launched by the pool's thread, which also keeps the groups' heartbeats.
         launched: Future[WarmGroup] = Future()
         self._launches.put((shape, launched))
         return launched.result()

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,3 +93,29 @@ def test_drivers_end_with_the_dispatcher_that_launched_them(tmp_path: Path) -> N
     while (alive(launcher_pid) or alive(driver_pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(launcher_pid) and not alive(driver_pid)
+
+
+def test_a_launcher_started_by_a_thread_that_ends_lives_on(tmp_path: Path) -> None:
+    """A stage's thread may be the first to need the launcher, and it ends with the stage;
+    the launcher's parent-death signal follows the thread that started it (a launcher
+    started by a stage's thread took every group down with it as the stage ended)."""
+    launcher = GroupLauncher()
+
+    def start_and_wait_until_ready() -> None:
+        launcher.start()
+        launcher._ready.wait(60)
+
+    starter = threading.Thread(target=start_and_wait_until_ready)
+    starter.start()
+    starter.join()
+    try:
+        launcher_pid = launcher.pid
+        assert launcher_pid is not None
+        time.sleep(0.5)  # a parent-death signal would have come by now
+        assert alive(launcher_pid)
+        (tmp_path / "config.json").write_text("{not json")
+        driver = launcher.launch(tmp_path / "config.json", tmp_path / "group.log")
+        assert driver.wait(timeout=30) == 1
+        assert launcher.pid == launcher_pid  # the same launcher, not one started again
+    finally:
+        launcher.close()
