@@ -1,11 +1,12 @@
 """Starts warm groups' driver processes by fork, from a process that has their imports loaded.
 
 A group's driver (warm_group.py) imports Ray, Ray Train and, through `ray.train.torch`, torch
-and pandas before it can start its run: measured on 2 cores, 5.4 CPU-s and about as many
-seconds of the group's start, every start. The launcher, `python -m workers.group_launcher`,
-pays that once per dispatcher: it imports warm_group, then forks a driver per request. A fork
-shares the imported pages and starts in milliseconds; nothing in the launcher has started a
-thread that a fork could catch holding a lock (Ray is imported, never initialized).
+and pandas before it can start its run: measured on 2 cores, 3.1-4.3 CPU-s and 2-3 s of
+every group's start (0.9-1.0 CPU-s forked, docs/design.md). The launcher,
+`python -m workers.group_launcher`, imports most of that once (PRELOAD) and forks a driver
+per request. A fork shares the imported pages and starts in milliseconds; nothing in the
+launcher has started a thread that a fork could catch holding a lock (Ray is imported, never
+initialized).
 
 Its protocol is JSON lines: the pool writes a `LaunchRequest` to its stdin; it answers
 `{"launched": pid}` (or `{"error": ...}`) and, when a driver ends, `{"exited": pid,
@@ -16,7 +17,9 @@ their Ray jobs end with them.
 """
 
 import contextlib
+import importlib
 import json
+import logging
 import os
 import queue
 import select
@@ -32,6 +35,8 @@ from pydantic import BaseModel, ConfigDict
 
 from workers.processes import die_with_parent, die_with_parent_from_env, parent_death_env
 
+log = logging.getLogger("aetrain.groups")
+
 START_TIMEOUT_S = 120.0  # the launcher's imports, on a loaded machine
 EXIT_REPORT_S = 2.0  # how long an ended driver's return code may take to be reported
 
@@ -44,17 +49,30 @@ class LaunchRequest(BaseModel):
 
 
 # -- the launcher process -----------------------------------------------------------------------
+# What every driver imports and a fork may share. Not Ray Train, nor Ray Data under it: their
+# modules declare Ray actors at import, and that seeds the random generator of Ray's C++ core
+# (ActorClassID.from_random), which a fork copies: every forked driver then drew the same
+# "random" ids, and two drivers starting at once failed their core worker's start on one
+# plasma object id ("Seal() called on an object without a reference to it"; 3 of 60 group
+# starts here, and a CI failure). Each driver imports Ray Train itself, after the fork.
+PRELOAD = ("torch", "pandas", "ray", "redis", "pydantic", "shared.group_channel", "shared.store")
+
+
 def serve() -> None:
     die_with_parent_from_env()
-    from workers import warm_group  # what every driver needs, imported once
-
+    # A Ctrl-C in `aetrain up`'s terminal reaches every process of its group: the dispatcher
+    # ends its groups itself, and the launcher and its drivers end with the dispatcher.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for module in PRELOAD:
+        importlib.import_module(module)
+    forks_are_distinct = _forked_ids_differ()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     stdin = sys.stdin.buffer.fileno()
     pending = b""
-    _reply({"ready": os.getpid()})
+    _reply({"ready": os.getpid(), "forks": forks_are_distinct})
     while True:
         readable, _, _ = select.select([stdin, wake_r], [], [])
         if wake_r in readable:
@@ -74,9 +92,34 @@ def serve() -> None:
                 _reply({"error": f"bad request: {exc}"})
                 continue
             try:
-                _reply({"launched": _fork(request, warm_group.serve, [wake_r, wake_w])})
+                pid = _fork(request, forks_are_distinct, [wake_r, wake_w])
+                _reply({"launched": pid})
             except OSError as exc:
                 _reply({"error": f"fork failed: {exc}"})
+
+
+def _forked_ids_differ() -> bool:
+    """Whether two processes forked from this one draw different Ray ids. If something
+    imported here seeded Ray's generator (another Ray version may), each driver is started
+    as a new Python process instead: slower, never wrong."""
+    read, write = os.pipe()
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            from ray._raylet import ObjectID
+
+            os.write(write, ObjectID.from_random().binary())
+            os._exit(0)
+        children.append(pid)
+    os.close(write)
+    for pid in children:
+        os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as drawn:
+        data = drawn.read()
+    half = len(data) // 2
+    return half > 0 and data[:half] != data[half:]
 
 
 def _reply(message: dict[str, Any]) -> None:
@@ -95,17 +138,18 @@ def _reap() -> None:
         _reply({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
-def _fork(request: LaunchRequest, run: Any, launcher_fds: list[int]) -> int:
+def _fork(request: LaunchRequest, in_place: bool, launcher_fds: list[int]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     launcher = os.getpid()
     pid = os.fork()
     if pid:
         return pid
-    _be_driver(request, run, launcher, launcher_fds)
+    _be_driver(request, in_place, launcher, launcher_fds)
 
 
-def _be_driver(request: LaunchRequest, run: Any, launcher: int, fds: list[int]) -> NoReturn:
+def _be_driver(request: LaunchRequest, in_place: bool, launcher: int,
+               fds: list[int]) -> NoReturn:  # fmt: skip
     code = 1
     try:
         die_with_parent()
@@ -122,7 +166,11 @@ def _be_driver(request: LaunchRequest, run: Any, launcher: int, fds: list[int]) 
         os.dup2(log, 2)
         os.close(log)
         os.close(null)
-        run(Path(request.config))
+        if not in_place:  # the parent-death signal survives the exec
+            os.execv(sys.executable, [sys.executable, "-m", "workers.warm_group", request.config])
+        from workers import warm_group
+
+        warm_group.serve(Path(request.config))
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -198,6 +246,7 @@ class GroupLauncher:
         self._exits: dict[int, int] = {}
         self._exited = threading.Condition()
         self._gone = False  # the launcher process ended: its drivers end with it
+        self.forks_in_place: bool | None = None  # drivers forked (True) or started anew
 
     def start(self) -> None:
         with self._lock:
@@ -283,6 +332,10 @@ class GroupLauncher:
                     self._exits[int(message["exited"])] = int(message["code"])
                     self._exited.notify_all()
             elif "ready" in message:
+                self.forks_in_place = bool(message.get("forks"))
+                if not self.forks_in_place:
+                    log.warning("group launcher: forked processes would share Ray's random ids "
+                                "here; each group's driver starts as a new process instead")
                 ready.set()
             else:
                 replies.put(message)

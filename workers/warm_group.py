@@ -13,6 +13,7 @@ so that a frozen dispatcher's group does not keep its CPUs from the runner that 
 """
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -109,3 +110,7 @@ def serve(config_path: Path) -> None:
     config = GroupConfig.model_validate_json(config_path.read_text())
     end_when_orphaned(config)
     run(config)
+
+
+if __name__ == "__main__":  # how the launcher starts a driver where it cannot fork one
+    serve(Path(sys.argv[1]))

@@ -52,6 +52,35 @@ def test_a_driver_that_fails_reports_its_code_and_leaves_its_traceback_in_its_lo
     assert "Traceback" in log and "GroupConfig" in log, log
 
 
+def test_the_launcher_forks_its_drivers_and_its_forks_draw_their_own_ray_ids(
+    launcher: GroupLauncher,
+) -> None:
+    assert launcher._ready.wait(60)
+    assert launcher.forks_in_place is True
+
+
+FORKED_IDS = """
+import importlib
+from workers.group_launcher import PRELOAD, _forked_ids_differ
+
+for module in PRELOAD:
+    importlib.import_module(module)
+print(_forked_ids_differ())
+import ray.train  # declares Ray actors at import: that seeds the generator a fork copies
+print(_forked_ids_differ())
+"""
+
+
+def test_the_fork_probe_tells_a_seeded_ray_generator_from_an_unseeded_one() -> None:
+    """Forks of a process that imported Ray Train draw the same "random" Ray ids (two drivers
+    forked from it failed their start on one plasma object id); the launcher imports only
+    what leaves them distinct, and the probe that checks it sees the difference."""
+    done = subprocess.run([sys.executable, "-c", FORKED_IDS], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[2])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False"]
+
+
 def test_a_killed_driver_is_gone_and_reported_killed(
     launcher: GroupLauncher, tmp_path: Path
 ) -> None:
