@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -107,11 +108,12 @@ def _forked_ids_differ() -> bool:
     for _ in range(2):
         pid = os.fork()
         if pid == 0:
-            os.close(read)
-            from ray._raylet import ObjectID
+            try:  # whatever happens, a probe never goes on as a second launcher
+                from ray._raylet import ObjectID
 
-            os.write(write, ObjectID.from_random().binary())
-            os._exit(0)
+                os.write(write, ObjectID.from_random().binary())
+            finally:
+                os._exit(0)
         children.append(pid)
     os.close(write)
     for pid in children:
@@ -159,12 +161,12 @@ def _be_driver(request: LaunchRequest, in_place: bool, launcher: int,
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in fds:
             os.close(fd)
-        log = os.open(request.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        log_fd = os.open(request.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
         os.close(null)
         if not in_place:  # the parent-death signal survives the exec
             os.execv(sys.executable, [sys.executable, "-m", "workers.warm_group", request.config])
@@ -238,7 +240,9 @@ class GroupLauncher:
     taken every group down with it as the stage ended.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, command: Sequence[str] = (sys.executable, "-m", "workers.group_launcher")
+                 ) -> None:  # fmt: skip
+        self.command = list(command)
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -316,17 +320,21 @@ class GroupLauncher:
         env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
                **parent_death_env()}  # fmt: skip
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "workers.group_launcher"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-            )  # fmt: skip
+            process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, env=env)  # fmt: skip
         except OSError as exc:
             started.put(exc)
             return
         started.put(process)
         assert process.stdout is not None
         for line in process.stdout:
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:
+                message = None
+            if not isinstance(message, dict):  # something it imported printed: not an answer
+                log.warning("group launcher: %s", line.decode(errors="replace").rstrip())
+                continue
             if "exited" in message:
                 with self._exited:
                     self._exits[int(message["exited"])] = int(message["code"])

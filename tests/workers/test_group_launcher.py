@@ -81,6 +81,24 @@ def test_the_fork_probe_tells_a_seeded_ray_generator_from_an_unseeded_one() -> N
     assert done.stdout.split() == ["True", "False"]
 
 
+def test_where_forks_would_share_ray_ids_each_driver_starts_as_a_new_process(
+    tmp_path: Path,
+) -> None:
+    seeded = ("import workers.group_launcher as launcher; "
+              "launcher.PRELOAD += ('ray.train',); launcher.serve()")  # fmt: skip
+    launcher = GroupLauncher(command=[sys.executable, "-c", seeded])
+    try:
+        (tmp_path / "config.json").write_text("{not json")
+        driver = launcher.launch(tmp_path / "config.json", tmp_path / "group.log")
+        assert launcher.forks_in_place is False
+        assert driver.wait(timeout=60) == 1
+        log = (tmp_path / "group.log").read_text()
+        # Run as `python -m workers.warm_group` (runpy), not in the launcher's forked code.
+        assert "runpy" in log and "group_launcher.py" not in log and "GroupConfig" in log, log
+    finally:
+        launcher.close()
+
+
 def test_a_killed_driver_is_gone_and_reported_killed(
     launcher: GroupLauncher, tmp_path: Path
 ) -> None:
