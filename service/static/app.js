@@ -8,6 +8,8 @@
 
 const KEY_STORAGE = "aetrain.apiKey";
 const LIST_POLL_MS = 2000;
+const LIST_PAGE = 50; // jobs listed at first, and added by each "more"; the API gives 200 a call
+const API_PAGE_MAX = 200;
 const RECONNECT_MS = 2000;
 const PICTURES = ["curves.png", "reconstructions.png", "latent.png"];
 const EXAMPLE_SPEC = `kind: autoencoder
@@ -79,7 +81,9 @@ function setUpKey() {
 }
 
 // -- the job list, polled ----------------------------------------------------------------------
-const state = { jobId: null, job: null, stream: null, series: {}, interpTimer: null };
+const state = {
+  jobId: null, job: null, stream: null, series: {}, interpTimer: null, listed: LIST_PAGE,
+};
 
 function cell(text) {
   const td = document.createElement("td");
@@ -93,9 +97,26 @@ function stateBadge(value) {
   return td;
 }
 
+// The newest `state.listed` jobs, page after page (the API's cursor); whether there are more.
+async function listedJobs() {
+  const items = [];
+  let cursor = null;
+  do {
+    const query = new URLSearchParams({
+      limit: String(Math.min(API_PAGE_MAX, state.listed - items.length)),
+    });
+    if (cursor) query.set("cursor", cursor);
+    const page = await getJson(`/v1/jobs?${query}`);
+    items.push(...page.items);
+    cursor = page.next_cursor;
+  } while (cursor && items.length < state.listed);
+  return { items, more: Boolean(cursor) };
+}
+
 async function refreshJobs() {
   try {
-    const page = await getJson("/v1/jobs?limit=50");
+    const page = await listedJobs();
+    $("jobs-more").hidden = !page.more;
     const body = $("jobs").tBodies[0];
     body.replaceChildren(...page.items.map((job) => {
       const tr = document.createElement("tr");
@@ -127,6 +148,10 @@ function setUpList() {
   };
   $("jobs").addEventListener("click", open);
   $("jobs").addEventListener("keydown", (event) => { if (event.key === "Enter") open(event); });
+  $("jobs-more").addEventListener("click", () => {
+    state.listed += LIST_PAGE;
+    refreshJobs();
+  });
 }
 
 // -- one job -----------------------------------------------------------------------------------

@@ -194,3 +194,19 @@ def test_cancel_on_the_page_cancels_a_queued_job_and_the_key_outlives_a_reload(
     expect(page.locator("#cancel")).to_be_disabled()
     assert store.get(job.id).state is JobState.CANCELLED
     assert store.get(other.id).state is JobState.QUEUED
+
+
+def test_the_list_shows_the_newest_50_and_more_on_request(
+    page: Page, base_url: str, store: JobStore
+) -> None:
+    _, key = store.api_keys.create("alice")
+    ids = [queued_job(store, "alice").id for _ in range(55)]  # newest last
+    open_with_key(page, base_url, key)
+    rows = page.locator("#jobs tbody tr")
+    expect(rows).to_have_count(50, timeout=WAIT_MS)
+    expect(job_row(page, ids[-1])).to_be_visible()  # newest first
+    expect(job_row(page, ids[0])).to_have_count(0)
+    page.click("#jobs-more")
+    expect(rows).to_have_count(55, timeout=WAIT_MS)
+    expect(job_row(page, ids[0])).to_be_visible()
+    expect(page.locator("#jobs-more")).to_be_hidden()
