@@ -25,7 +25,7 @@ def test_the_whole_stack_killed_at_once_starts_again_and_finishes_every_job(
     up.start()
     try:
         long_id = httpx.post(
-            f"{up.url}/v1/jobs", json=_example(epochs=150, checkpoint_every=30)
+            f"{up.url}/v1/jobs", json=_example(epochs=120, checkpoint_every=30)
         ).json()["id"]
         short_ids = [httpx.post(f"{up.url}/v1/jobs", json=_example(epochs=3)).json()["id"]
                      for _ in range(2)]  # fmt: skip
@@ -51,7 +51,7 @@ def test_the_whole_stack_killed_at_once_starts_again_and_finishes_every_job(
         assert resumed["attempts"] == 2
         lines = httpx.get(f"{up.url}/v1/jobs/{long_id}/artifacts/metrics.jsonl").text
         history = [json.loads(line) for line in lines.splitlines()]
-        assert [m["epoch"] for m in history] == list(range(150))
+        assert [m["epoch"] for m in history] == list(range(120))
         last_token = max(m["token"] for m in history)
         second_run = [m["epoch"] for m in history if m["token"] == last_token]
         assert second_run[0] >= 30 and second_run[0] % 30 == 0, second_run[:3]

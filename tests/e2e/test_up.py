@@ -123,7 +123,7 @@ def test_up_runs_the_example_and_a_restart_keeps_every_job(
     wait_for_job(up.url, cancelled_id, lambda j: j["state"] == "cancelled")
 
     # A job still training when `up` stops goes back to the queue and resumes after the restart.
-    long_spec = _example(epochs=300, checkpoint_every=50)
+    long_spec = _example(epochs=150, checkpoint_every=50)
     long_id = httpx.post(f"{up.url}/v1/jobs", json=long_spec).json()["id"]
     wait_for_job(up.url, long_id, lambda j: (j["epoch"] or 0) >= 60)
 
@@ -146,7 +146,7 @@ def test_up_runs_the_example_and_a_restart_keeps_every_job(
     assert resumed["attempts"] == 2
     lines = httpx.get(f"{up.url}/v1/jobs/{long_id}/artifacts/metrics.jsonl").text.splitlines()
     history = [json.loads(line) for line in lines]
-    assert [m["epoch"] for m in history] == list(range(300))
+    assert [m["epoch"] for m in history] == list(range(150))
     second_run = [m["epoch"] for m in history if m["token"] == max(h["token"] for h in history)]
     # The second run starts right after a checkpoint (every 50 epochs), not from epoch 0.
     assert second_run[0] >= 50 and second_run[0] % 50 == 0, second_run[:3]

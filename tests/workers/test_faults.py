@@ -71,7 +71,7 @@ def finished(client: TestClient, job_id: str) -> dict[str, Any]:
 def test_a_killed_training_worker_is_restarted_from_the_latest_checkpoint(
     client: TestClient, store: JobStore, dispatcher: Dispatcher
 ) -> None:
-    spec = digits_spec(epochs=200, checkpoint_every=20)
+    spec = digits_spec(epochs=100, checkpoint_every=20)
     spec["resources"]["max_failures"] = 1
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
     training_past(client, job_id, 45)
@@ -108,7 +108,7 @@ def test_a_job_whose_worker_dies_past_max_failures_fails_and_the_group_trains_th
 def test_a_hung_rank_is_caught_by_the_progress_deadline_and_the_stage_retried(
     client: TestClient, store: JobStore, dispatcher: Dispatcher
 ) -> None:
-    spec = digits_spec(epochs=100, workers=2, checkpoint_every=20)
+    spec = digits_spec(epochs=70, workers=2, checkpoint_every=20)
     spec["resources"].update(max_failures=1, progress_timeout_s=6)
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
     training_past(client, job_id, 30)
