@@ -140,7 +140,7 @@ class GroupPool:
                 return group
             if group is not None:
                 self._retire(group, "it died while idle")
-        # Launched by the pool's thread, which also keeps the groups' heartbeats.
+        # Launched by the pool's thread, one at a time with the groups it keeps warm.
         launched: Future[WarmGroup] = Future()
         self._launches.put((shape, launched))
         return launched.result()
