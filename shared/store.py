@@ -13,7 +13,6 @@ A finished job's keys expire after the retention time (or go at once with `delet
 record change is announced on a capped `changes` stream that live event streams block on.
 """
 
-import hashlib
 import json
 import logging
 import time
@@ -26,26 +25,18 @@ from shared.apikey_store import ApiKeyStore
 from shared.claims import Claim, queue_score
 from shared.dataset_index import DatasetIndex
 from shared.dispatcher_registry import DispatcherRegistry
-from shared.errors import (
-    IdempotencyConflict,
-    InvalidTransition,
-    JobNotFound,
-    LeaseLost,
-    RateLimited,
-    TooManyJobs,
-)
+from shared.errors import InvalidTransition, JobNotFound, LeaseLost
 from shared.jobs import JobRecord, JobState, advance, is_terminal
 from shared.metrics import dumps_metrics, loads_metrics
 from shared.redis_keys import Keys
 from shared.scheduler import Scheduler
+from shared.submissions import CHANGES_MAXLEN, Submissions
 from shared.transactions import transact
 
 log = logging.getLogger("aetrain.store")
 
-IDEMPOTENCY_TTL_S = 24 * 3600
 DEFAULT_RETENTION_S = 30 * 24 * 3600
 DEFAULT_MAX_TAKEOVERS = 3
-CHANGES_MAXLEN = 10_000  # the changes stream only wakes live readers; old entries are moot
 _CLAIM_POLL_S = 0.2
 
 # KEYS: lease. ARGV: token, ttl_ms. Renew only the lease we hold.
@@ -102,8 +93,24 @@ def warn_if_redis_evicts(store: "JobStore", log: logging.Logger) -> None:
         )  # fmt: skip
 
 
-def spec_digest(spec_json: str) -> str:
-    return hashlib.sha256(spec_json.encode()).hexdigest()
+def record_with_progress(
+    job_id: str, raw: str | None, progress: dict[str, str], tenant: str | None
+) -> JobRecord:
+    """A job's record (its stored JSON) with the progress its runner reported since (the
+    `progress:<id>` hash); JobNotFound for a missing record or another tenant's job."""
+    if raw is None:
+        raise JobNotFound(job_id)
+    job = JobRecord.model_validate_json(raw)
+    if tenant is not None and job.tenant != tenant:
+        raise JobNotFound(job_id)
+    if not progress or "_latest" not in progress:
+        return job
+    latest = progress.pop("_latest")
+    per_stage = {name: loads_metrics(entry) for name, entry in progress.items()}
+    stages = [
+        s.model_copy(update=per_stage[s.name]) if s.name in per_stage else s for s in job.stages
+    ]
+    return job.model_copy(update={**per_stage.get(latest, {}), "stages": stages})
 
 
 def metrics_cap(job: JobRecord) -> int:
@@ -126,6 +133,7 @@ class JobStore:
         self.datasets = DatasetIndex(client, self.keys)
         self.api_keys = ApiKeyStore(client, self.keys)
         self.dispatchers = DispatcherRegistry(client, self.keys)
+        self.submissions = Submissions(client, self.keys)
         self._renew = client.register_script(_RENEW)
         self._progress = client.register_script(_PROGRESS)
         self._drop_if_empty = client.register_script(_DROP_IF_EMPTY)
@@ -152,51 +160,17 @@ class JobStore:
         max_open: int | None = None,
         max_per_minute: int | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Store and enqueue a job in one transaction; returns (record, created).
+        """Store and enqueue a job in one script (shared/submissions.py); (record, created).
 
         With an idempotency key seen before for the same spec, returns the first job instead.
         With `max_open`, a tenant that already has that many jobs queued or running gets
         TooManyJobs; with `max_per_minute`, one past that many submissions this clock minute
         gets RateLimited. A retry with a known idempotency key counts against neither.
         """
-        spec_json = job.spec.model_dump_json()
-        tenant = job.tenant
-        idem_key = self.keys.idempotency(tenant, idempotency_key) if idempotency_key else None
-        open_key = self.keys.open_jobs(tenant)
-        now = time.time()
-        rate_key = self.keys.submissions(tenant, int(now // 60))
-
-        def body(pipe: Any) -> tuple[JobRecord, bool]:
-            if idem_key:
-                seen = pipe.get(idem_key)
-                if seen is not None:
-                    first = json.loads(seen)
-                    if first["digest"] != spec_digest(spec_json):
-                        raise IdempotencyConflict(idempotency_key or "")
-                    return self.get(first["job_id"], tenant=tenant), False
-            if max_open is not None and pipe.scard(open_key) >= max_open:
-                raise TooManyJobs(tenant, max_open)
-            if max_per_minute is not None and int(pipe.get(rate_key) or 0) >= max_per_minute:
-                raise RateLimited(tenant, max_per_minute, retry_after_s=60 - int(now % 60))
-            pipe.multi()
-            pipe.set(self.keys.job(job.id), job.model_dump_json())
-            pipe.zadd(self.keys.index(tenant), {job.id: 0})
-            pipe.zadd(self.keys.state_index(tenant, job.state), {job.id: 0})
-            pipe.zadd(self.keys.tenant_queue(tenant), {job.id: queue_score(job)})
-            pipe.sadd(self.keys.waiting_tenants, tenant)
-            pipe.sadd(self.keys.tenants, tenant)
-            pipe.sadd(open_key, job.id)
-            pipe.incr(rate_key)
-            pipe.expire(rate_key, 120)
-            if idem_key:
-                entry = {"job_id": job.id, "digest": spec_digest(spec_json)}
-                pipe.set(idem_key, json.dumps(entry), ex=IDEMPOTENCY_TTL_S)
-            self._announce(pipe, job.id)
-            pipe.execute()
+        stored = self.submissions.store(job, idempotency_key, max_open, max_per_minute)
+        if stored.first_job_id is None:
             return job, True
-
-        watched = [open_key, rate_key, *([idem_key] if idem_key else [])]
-        return transact(self.redis, watched, body, "submit")
+        return self.get(stored.first_job_id, tenant=job.tenant), False
 
     def _announce(self, pipe: Any, job_id: str) -> None:
         pipe.xadd(self.keys.changes, {"job": job_id}, maxlen=CHANGES_MAXLEN, approximate=True)
@@ -209,18 +183,12 @@ class JobStore:
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
         """The job record with its live progress; another tenant's job is JobNotFound."""
-        job = self._load(job_id)
-        if tenant is not None and job.tenant != tenant:
-            raise JobNotFound(job_id)
-        progress = self.redis.hgetall(self.keys.progress(job_id))
-        if not progress or "_latest" not in progress:
-            return job
-        latest = progress.pop("_latest")
-        per_stage = {name: loads_metrics(entry) for name, entry in progress.items()}
-        stages = [
-            s.model_copy(update=per_stage[s.name]) if s.name in per_stage else s for s in job.stages
-        ]
-        return job.model_copy(update={**per_stage.get(latest, {}), "stages": stages})
+        # One round trip for both: the record and its progress hash.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.keys.job(job_id))
+        pipe.hgetall(self.keys.progress(job_id))
+        raw, progress = pipe.execute()
+        return record_with_progress(job_id, raw, progress, tenant)
 
     def list_jobs(
         self,
@@ -433,8 +401,9 @@ class JobStore:
         entries = [
             (score, job_id)
             for t in tenants
-            for job_id, score in self.redis.zrange(self.keys.tenant_queue(t), 0, -1,
-                                                   withscores=True)  # fmt: skip
+            for job_id, score in self.redis.zrange(
+                self.keys.tenant_queue(t), 0, -1, withscores=True
+            )  # fmt: skip
         ]
         return [job_id for _, job_id in sorted(entries)]
 

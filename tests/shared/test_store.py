@@ -2,6 +2,7 @@
 
 import threading
 import time
+from collections import Counter
 from typing import Any, cast
 
 import pytest
@@ -12,6 +13,7 @@ from shared.errors import (
     InvalidTransition,
     JobNotFound,
     LeaseLost,
+    RateLimited,
     TooManyJobs,
 )
 from shared.jobs import JobRecord, JobState, StageState
@@ -590,6 +592,50 @@ def test_a_tenant_at_its_limit_of_open_jobs_is_refused_until_one_ends(store: Job
         store.submit(new_job("acme"), max_open=2)
     store.finish(got, JobState.SUCCEEDED)
     assert store.submit(new_job("acme"), max_open=2)[1] is True
+
+
+def test_simultaneous_submissions_of_one_tenant_all_land_and_the_limits_hold_exactly(
+    store: JobStore, redis_url: str
+) -> None:
+    """16 clients of one tenant submit at once, 10 jobs each. Within the limits every one is
+    stored (none lost to a conflict between them); past them, exactly the limit is stored."""
+    clients = [JobStore(connect(redis_url), store.prefix) for _ in range(16)]
+
+    def submit_all(tenant: str, **limits: int) -> Counter[str]:
+        barrier, outcomes = threading.Barrier(len(clients)), Counter[str]()
+        lock = threading.Lock()
+
+        def run(client: JobStore) -> None:
+            barrier.wait()
+            for _ in range(10):
+                try:
+                    outcome = "created" if client.submit(new_job(tenant), **limits)[1] else "seen"
+                except (TooManyJobs, RateLimited) as exc:
+                    outcome = type(exc).__name__
+                with lock:
+                    outcomes[outcome] += 1
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        return outcomes
+
+    try:
+        assert submit_all("acme") == {"created": 160}
+        assert len(store.queued_ids("acme")) == 160
+        assert submit_all("zeta", max_open=37) == {"created": 37, "TooManyJobs": 123}
+        assert int(store.redis.scard(store.keys.open_jobs("zeta"))) == 37
+        minute = int(time.time() // 60)
+        limited = submit_all("kappa", max_per_minute=25)
+        if int(time.time() // 60) == minute:
+            assert limited == {"created": 25, "RateLimited": 135}
+        else:  # each clock minute has a count of its own
+            assert 25 <= limited["created"] <= 50 and limited.total() == 160
+    finally:
+        for client in clients:
+            client.redis.close()
 
 
 def test_without_room_only_a_job_whose_runner_died_is_taken(store: JobStore) -> None:
