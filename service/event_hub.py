@@ -4,10 +4,10 @@ Every write of a job record is announced on the `changes` stream, and every fini
 added to the job's `metrics` stream. The hub blocks on both (XREAD BLOCK, on its own connection)
 for the jobs that open streams follow, and sets their events; a stream reads its job only when
 woken. An idle stream so costs Redis nothing: a process makes one XREAD a second however many
-streams it holds, one EXISTS of its callers' keys every 2 s (a revoked key's streams close) and
-one refresh of its stream slots per tenant every 10 s. Before, each stream polled Redis through
-the thread pool 4 times a second: 300 streams of one tenant made /healthz wait 11.7 s for a
-thread.
+streams it holds (and none while it holds none), one EXISTS of its callers' keys every 2 s (a
+revoked key's streams close) and one refresh of its stream slots per tenant every 10 s.
+Before, each stream polled Redis through the thread pool 4 times a second: 300 streams of one
+tenant made /healthz wait 11.7 s for a thread.
 
 Open streams per tenant are counted across API processes in `event_streams:<tenant>`, a sorted
 set of stream ids scored by expiry: each process refreshes the entries of its own streams, so
@@ -100,6 +100,8 @@ class EventHub:
         self._metrics_after: dict[str, str] = {}  # job id -> last metrics entry the hub saw
         self._changes_after = "0-0"
         self._reading = asyncio.Event()  # set once the hub knows where `changes` ends
+        self._wanted = asyncio.Event()  # set by a follow: an idle hub starts reading again
+        self._following = 0  # follows under way (not yet among the watches)
         self._task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
         self._acquire = self.redis.register_script(_ACQUIRE)
@@ -139,11 +141,16 @@ class EventHub:
 
     async def follow(self, watch: Watch) -> None:
         """Wake `watch` on every change of its job from now on; read the job after this."""
-        await self._reading.wait()
-        if watch.job_id not in self._metrics_after:
-            after = await self._last_id(self.keys.metrics(watch.job_id))
-            self._metrics_after.setdefault(watch.job_id, after)  # an older position is safe
-        self._watches.setdefault(watch.job_id, set()).add(watch)
+        self._following += 1  # the hub does not go idle while this is under way
+        try:
+            self._wanted.set()
+            await self._reading.wait()
+            if watch.job_id not in self._metrics_after:
+                after = await self._last_id(self.keys.metrics(watch.job_id))
+                self._metrics_after.setdefault(watch.job_id, after)  # an older one is safe
+            self._watches.setdefault(watch.job_id, set()).add(watch)
+        finally:
+            self._following -= 1
 
     def close(self, watch: Watch) -> None:
         """Stop waking `watch` and release its slot (sync: it runs in a cancelled stream)."""
@@ -171,6 +178,8 @@ class EventHub:
         next_key_check = next_refresh = time.monotonic()
         while True:
             try:
+                if not self._watches and not self._following:
+                    await self._idle()
                 if not self._reading.is_set():
                     self._changes_after = await self._last_id(self.keys.changes)
                     self._reading.set()
@@ -189,6 +198,14 @@ class EventHub:
             except Exception:  # the hub must outlive any one failure, or every stream goes deaf
                 log.exception("event hub: unexpected failure; retrying in 1 s")
                 await asyncio.sleep(1.0)
+
+    async def _idle(self) -> None:
+        """With no stream open, read nothing until one follows a job: every submission and
+        state change is an entry of `changes`, and each API process read them all (8% of a
+        worker's CPU under a submission load) for streams nobody had open."""
+        self._reading.clear()
+        self._wanted.clear()
+        await self._wanted.wait()
 
     async def _read(self, block_ms: int) -> None:
         metrics_keys = {self.keys.metrics(job_id): job_id for job_id in self._metrics_after}

@@ -180,3 +180,29 @@ def test_forty_idle_streams_stall_neither_the_api_nor_add_redis_calls(
         # Polling streams made about 6 calls a second each (240 for 40); the hub makes one XREAD
         # a second, one EXISTS of the keys every 2 s and a slot refresh per tenant every 10 s.
         assert forty <= one + 10, f"{one:.1f} Redis calls/s with 1 stream, {forty:.1f} with 40"
+
+
+def xreads(store: JobStore) -> int:
+    return int(store.redis.info("commandstats").get("cmdstat_xread", {}).get("calls", 0))
+
+
+def test_an_api_without_open_streams_reads_no_changes_and_a_later_stream_still_wakes(
+    settings: Settings, store: JobStore, http_client: Callable[[str], httpx.Client]
+) -> None:
+    job = submit(store, "default")
+    with serve(create_app(settings)) as base, http_client(base) as http:
+        before = xreads(store)
+        for _ in range(20):  # each one an entry of the changes stream
+            submit(store, "default")
+        time.sleep(2.5)  # the hub blocked in XREAD for up to 1 s at a time while it read
+        assert xreads(store) == before
+        with Streams(http) as streams:
+            stream = streams.open(job, "unused with auth off")
+            store.request_cancel(job)
+            events = []
+            for line in stream.lines:  # a change made after the stream opened wakes it
+                events.append(line)
+                if line.startswith("data:") and '"cancelled"' in line:
+                    break
+            assert any('"cancelled"' in line for line in events)
+        assert xreads(store) > before
