@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from service.errors import install_error_handlers
 from service.event_hub import EventHub
 from service.guards import RequestGuard
+from service.job_reads import JobReads
 from service.metrics import ApiMetrics
 from service.metrics import router as metrics_router
 from service.metrics_http import RequestMetrics, bind_request_log_context
@@ -41,22 +42,27 @@ def web_page(request: Request) -> FileResponse:
     return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, serve_metrics_port: bool = True) -> FastAPI:
+    """The API. With `serve_metrics_port` False, AETRAIN_METRICS_PORT is left to the
+    supervisor of several worker processes (service/api_workers.py), which serves their sum."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = connect(settings.require_redis_url())
         app.state.store = JobStore(client, settings.key_prefix, settings.retention_s)
+        app.state.job_reads = reads = JobReads(settings.require_redis_url(), app.state.store.keys)
         app.state.storage = Storage(settings.storage_root)
         app.state.event_hub = hub = EventHub(settings.require_redis_url(), app.state.store.keys)
         metrics.jobs.store = app.state.store
         await hub.start()
         try:
-            if settings.metrics_port is not None:
+            if settings.metrics_port is not None and serve_metrics_port:
                 metrics.serve(settings.metrics_port, settings.metrics_host)
             yield
         finally:
             metrics.close()
             await hub.stop()
+            await reads.close()
             client.close()
 
     app = FastAPI(title="aetrain", version="0.1.0", lifespan=lifespan,
@@ -80,3 +86,26 @@ def create_app(settings: Settings) -> FastAPI:
     app.router.add_route("/", web_page, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app each worker process of `aetrain api --workers N` builds for itself (uvicorn's
+    factory): its settings and logging from the environment, as `aetrain api` set them.
+
+    A worker dies with its supervisor: a killed `aetrain api` leaves no process behind that
+    still serves its port.
+    """
+    import multiprocessing
+    import os
+    import signal
+
+    from shared.logs import configure_logging
+    from workers.processes import die_with_parent
+
+    die_with_parent()
+    supervisor = multiprocessing.parent_process()
+    if supervisor is not None and os.getppid() != supervisor.pid:  # it died before the arming
+        os.kill(os.getpid(), signal.SIGKILL)
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    return create_app(settings, serve_metrics_port=False)

@@ -95,6 +95,10 @@ def warn_if_exposed(host: str) -> None:
 def api(
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, max=64, help="worker processes (default: AETRAIN_API_WORKERS, 1)"),
+    ] = None,
 ) -> None:
     """Run the HTTP API alone (needs AETRAIN_REDIS_URL)."""
     import uvicorn
@@ -108,6 +112,11 @@ def api(
     if settings.auth == "off":
         warn_if_exposed(host)
     configure_logging(settings.log_format, settings.log_level)
+    if (workers or settings.api_workers) > 1:
+        from service.api_workers import serve_workers
+
+        serve_workers(settings, host, port, workers or settings.api_workers)
+        return
     # Open event streams would hold a shutdown until their jobs end: give them 5 s.
     # log_config=None: uvicorn's lines go through the handler above, not handlers of its own.
     uvicorn.run(create_app(settings), host=host, port=port, log_config=None,

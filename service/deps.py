@@ -1,10 +1,17 @@
-"""FastAPI dependencies: the store and storage built once per app by its lifespan; the tenant."""
+"""FastAPI dependencies: the store and storage built once per app by its lifespan; the tenant.
+
+They are `async def` because they do no I/O (or hand what little they do to a thread
+themselves): FastAPI runs a sync dependency on a thread of its pool, one hop per dependency
+per request, and those hops were a fifth of the API's CPU under load (docs/benchmarks.md).
+"""
 
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
+from service.job_reads import JobReads
 from shared.apikey_store import Caller
 from shared.errors import Unauthenticated
 from shared.settings import Settings
@@ -18,27 +25,33 @@ DEFAULT_TENANT = "default"
 _bearer = HTTPBearer(auto_error=False, description="an API key from `aetrain keys create`")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     store: JobStore = request.app.state.store
     return store
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
+
+
+async def get_job_reads(request: Request) -> JobReads:
+    reads: JobReads = request.app.state.job_reads
+    return reads
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
+JobReadsDep = Annotated[JobReads, Depends(get_job_reads)]
 
 
-def get_caller(
+async def get_caller(
     request: Request,
     settings: SettingsDep,
     store: StoreDep,
@@ -54,7 +67,7 @@ def get_caller(
         return Caller(DEFAULT_TENANT)
     caller: Caller | None = request.scope.get("state", {}).get("caller")
     if caller is None and credentials is not None:  # a route outside /v1 that wants a key
-        caller = store.api_keys.caller(credentials.credentials)
+        caller = await run_in_threadpool(store.api_keys.caller, credentials.credentials)
     if caller is None:
         raise Unauthenticated()
     return caller
@@ -63,7 +76,7 @@ def get_caller(
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def get_tenant(caller: CallerDep) -> str:
+async def get_tenant(caller: CallerDep) -> str:
     return caller.tenant
 
 

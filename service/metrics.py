@@ -12,6 +12,7 @@ without a key and not on the API's port at all (docs/observability.md).
 """
 
 import logging
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
@@ -30,6 +31,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service.deps import CallerDep
@@ -98,15 +100,32 @@ class JobsCollector(Collector):
         return [jobs, queued, active, dispatchers]
 
 
+def worker_processes_registry(jobs: Collector) -> CollectorRegistry:
+    """What `/metrics` shows when the API runs as several worker processes: the request
+    histograms of all of them, summed from their files in PROMETHEUS_MULTIPROC_DIR (whichever
+    worker answers the scrape), and the jobs in Redis. No per-process collectors: their
+    figures would be those of whichever worker answered."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus-client
+    registry.register(jobs)
+    return registry
+
+
 class ApiMetrics:
-    """One API app's metrics, in a registry of its own (two apps in one process never clash)."""
+    """One API app's metrics, in a registry of its own (two apps in one process never clash).
+
+    With PROMETHEUS_MULTIPROC_DIR set (`aetrain api --workers N`, N > 1), prometheus-client
+    keeps each process's values in a file there and the exposition sums them.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        for standard in (ProcessCollector, PlatformCollector, GCCollector):
-            standard(registry=self.registry)
         self.jobs = JobsCollector()
-        self.registry.register(self.jobs)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        if not self.multiprocess:
+            for standard in (ProcessCollector, PlatformCollector, GCCollector):
+                standard(registry=self.registry)
+            self.registry.register(self.jobs)
         self.requests = Histogram(
             "aetrain_http_request_duration_seconds",
             "time to the response's status line, by route template (streams: to their start)",
@@ -117,6 +136,8 @@ class ApiMetrics:
         self._thread: threading.Thread | None = None
 
     def exposition(self) -> bytes:
+        if self.multiprocess:
+            return generate_latest(worker_processes_registry(self.jobs))
         return generate_latest(self.registry)
 
     def serve(self, port: int, host: str) -> None:

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
         default="auto", description="log lines as `json` or `plain`; `auto`: plain on a terminal"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    api_workers: int = Field(
+        default=1, ge=1, le=64,
+        description="API worker processes on one port (about one per core under load)",
+    )  # fmt: skip
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535,
         description="serve the API's metrics on this port, without a key, instead of /metrics",

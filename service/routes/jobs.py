@@ -9,7 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.deps import CallerDep, StorageDep, StoreDep, TenantDep
+from service.deps import CallerDep, JobReadsDep, StorageDep, StoreDep, TenantDep
+from service.responses import model_response
 from shared.errors import ArtifactNotFound, DatasetNotFound, InvalidTransition, ResultNotReady
 from shared.jobs import JobRecord, JobState
 from shared.quotas import job_item, quotas_of, submit_within_quota
@@ -32,16 +33,15 @@ class JobResult(BaseModel):
     artifacts: list[str]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobRecord)
 def submit_job(
     spec: JobSpec,
     request: Request,
     store: StoreDep,
     storage: StorageDep,
     caller: CallerDep,
-    response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
-) -> JobRecord:
+) -> Response:
     """Validate and enqueue a job; a retried Idempotency-Key returns the first job (200)."""
     tenant = caller.tenant
     if spec.priority > caller.max_priority:
@@ -56,9 +56,7 @@ def submit_job(
         storage.free_bytes(), idempotency_key, settings.max_open_jobs,
         settings.max_submissions_per_minute,
     )  # fmt: skip
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    return job
+    return model_response(job, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
 def with_upload(spec: AnyJobSpec, store: JobStore, tenant: str) -> AnyJobSpec:
@@ -85,29 +83,29 @@ def with_upload(spec: AnyJobSpec, store: JobStore, tenant: str) -> AnyJobSpec:
         ) from None
 
 
-@router.get("")
+@router.get("", response_model=JobPage)
 def list_jobs(
     store: StoreDep,
     tenant: TenantDep,
     state: JobState | None = None,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-) -> JobPage:
+) -> Response:
     """The caller's jobs, newest first; pass `next_cursor` back as `cursor` for the next page."""
     items, next_cursor = store.list_jobs(tenant, state, cursor, limit)
-    return JobPage(items=items, next_cursor=next_cursor)
+    return model_response(JobPage(items=items, next_cursor=next_cursor))
 
 
-@router.get("/{job_id}")
-def get_job(job_id: str, store: StoreDep, tenant: TenantDep) -> JobRecord:
+@router.get("/{job_id}", response_model=JobRecord)
+async def get_job(job_id: str, reads: JobReadsDep, tenant: TenantDep) -> Response:
     """The job record with its latest epoch and metrics."""
-    return store.get(job_id, tenant)
+    return model_response(await reads.get(job_id, tenant))
 
 
-@router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, store: StoreDep, tenant: TenantDep) -> JobRecord:
+@router.post("/{job_id}/cancel", response_model=JobRecord)
+def cancel_job(job_id: str, store: StoreDep, tenant: TenantDep) -> Response:
     """Cancel a queued job now, or ask a running job's runner to stop it within seconds."""
-    return store.request_cancel(job_id, tenant)
+    return model_response(store.request_cancel(job_id, tenant))
 
 
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
