@@ -1,9 +1,11 @@
 """API load: submissions/s and status reads/s of a live `aetrain up`, and Ray Jobs beside it.
 
-    .venv/bin/python bench/api_load.py [--seconds 10] [--clients 8] [--ray-python PATH]
+    .venv/bin/python bench/api_load.py [--seconds 10] [--clients 8] [--api-workers N]
+        [--ray-python PATH] [--load-only]
 
-Starts `aetrain up` (auth off, its own Redis and local Ray) in a temporary home on 127.0.0.1,
-then, from this process (8 threads, each with its own keep-alive httpx.Client):
+Starts `aetrain up` (auth off, its own Redis and local Ray, AETRAIN_API_WORKERS one per core
+unless --api-workers says otherwise) in a temporary home on 127.0.0.1, then, from this process
+(8 keep-alive connections on asyncio streams, opened one after another):
 
 1. submissions: `POST /v1/jobs` for a fixed time; requests/s, p50, p99. The dispatcher claims
    the jobs as they come and fails each at once (the spec asks for 64 workers x 64 CPUs, more
@@ -386,7 +388,7 @@ COSTS = [
     ("  quota: estimate the job's bytes", "shared/quotas.py", "estimate_job_bytes"),
     ("  quota: charge (Lua over the tenant's ledger)", "shared/quotas.py", "charge"),
     ("  storage free bytes (statvfs)", "shared/storage.py", "free_bytes"),
-    ("  JobStore.submit (WATCH, reads, MULTI/EXEC)", "shared/store.py", "submit"),
+    ("  JobStore.submit (one Lua script)", "shared/store.py", "submit"),
     ("handler get_job (all it calls)", "service/routes/jobs.py", "get_job"),
     ("  JobStore.get (GET + HGETALL, parse the record)", "shared/store.py", "get"),
     ("  JobRecord.model_validate_json", "pydantic/main.py", "model_validate_json"),
@@ -465,7 +467,7 @@ def profile_requests(stack: Stack, count: int) -> list[str]:
                              f"cProfile (its overhead included); "
                              f"{sum(hops.values()) / count:.0f} thread-pool hops a request (run "
                              f"inline here; in uvicorn each costs ~{hop_s * 1e6:.0f} us on an "
-                             f"idle event loop): {', '.join(hops)}")  # fmt: skip
+                             f"idle event loop): {', '.join(hops) or 'none'}")  # fmt: skip
                 lines.extend(cost_lines(stats, count, wall))
 
     submitted: list[str] = []
