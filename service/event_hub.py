@@ -23,6 +23,7 @@ from typing import Any
 
 import redis.asyncio
 
+from service.job_reads import connect_async
 from shared.errors import TooManyStreams
 from shared.redis_keys import Keys
 
@@ -91,10 +92,7 @@ class EventHub:
 
     def __init__(self, url: str, keys: Keys) -> None:
         # Its own connections: one blocks in XREAD; slots and keys are checked on another.
-        self.redis: Any = redis.asyncio.Redis.from_url(
-            url, decode_responses=True, socket_timeout=BLOCK_MS / 1000 + 10,
-            socket_connect_timeout=2,
-        )  # fmt: skip
+        self.redis: Any = connect_async(url, socket_timeout_s=BLOCK_MS / 1000 + 10)
         self.keys = keys
         self._watches: dict[str, set[Watch]] = {}  # job id -> its open streams
         self._metrics_after: dict[str, str] = {}  # job id -> last metrics entry the hub saw

@@ -9,19 +9,29 @@ is built by the same function as JobStore.get's (shared.store.record_with_progre
 from typing import Any
 
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from shared.jobs import JobRecord
 from shared.redis_keys import Keys
 from shared.store import record_with_progress
 
 
+def connect_async(url: str, socket_timeout_s: float = 5.0) -> Any:
+    """An asyncio Redis client that, as shared.store.connect's, fails fast while Redis is down
+    (the API answers 503) and retries a command on a new connection when a pooled one died
+    (Redis restarted): without an explicit Retry, redis-py's asyncio connections made from a
+    URL retry nothing, and the first read on each dead connection was a 503 after Redis was
+    back (seen in the e2e test of a Redis kill)."""
+    return redis.asyncio.Redis.from_url(
+        url, decode_responses=True, socket_timeout=socket_timeout_s, socket_connect_timeout=2,
+        health_check_interval=10, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+    )  # fmt: skip
+
+
 class JobReads:
     def __init__(self, url: str, keys: Keys) -> None:
-        # As shared.store.connect: fail fast while Redis is down (the API answers 503).
-        self.redis: Any = redis.asyncio.Redis.from_url(
-            url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
-            health_check_interval=10,
-        )  # fmt: skip
+        self.redis = connect_async(url)
         self.keys = keys
 
     async def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
