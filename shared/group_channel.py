@@ -25,6 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from shared.logs import LogFormat
 from shared.redis_keys import Keys
 
 CHANNEL_TTL_MS = 3_600_000
@@ -64,6 +65,10 @@ class GroupConfig(BaseModel):
     ray_storage: str  # Ray Train's run folder for the group (it reports no checkpoints there)
     collective_timeout_s: int  # gloo/NCCL's backstop; the progress deadline acts first
     heartbeat_timeout_s: float  # the group ends when its dispatcher's heartbeat is this old
+    # aetrain's log lines on the ranks (Ray keeps them with its worker logs and forwards them
+    # to the group's driver), in the dispatcher's format, each naming its job and stage.
+    log_format: LogFormat = "auto"
+    log_level: str = "INFO"
 
 
 class StageTask(BaseModel):

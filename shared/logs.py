@@ -157,3 +157,23 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     return handler
+
+
+def configure_own_logging(
+    fmt: LogFormat = "auto", level: int | str = logging.INFO, stream: IO[str] | None = None
+) -> logging.Handler:
+    """Like configure_logging, but for aetrain's loggers (`aetrain.*`) only: in a process
+    that another framework set up (a Ray worker), whose own handlers must stay as they are."""
+    stream = stream if stream is not None else sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if is_json(fmt, stream) else PlainFormatter())
+    handler.addFilter(ContextFilter())
+    own = logging.getLogger("aetrain")
+    for old in list(own.handlers):  # a restarted train function configures it again
+        own.removeHandler(old)
+        old.close()
+    own.addHandler(handler)
+    own.propagate = False
+    own.setLevel(level.upper() if isinstance(level, str) else level)
+    return handler
+

@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 from shared.claims import Claim
 from shared.errors import LeaseLost
 from shared.jobs import JobRecord, JobState
-from shared.logs import log_context
+from shared.logs import LogFormat, log_context
 from shared.storage import Storage
 from shared.store import DEFAULT_MAX_TAKEOVERS, JobStore
 from workers.faults import pause_at
@@ -49,6 +49,8 @@ class Dispatcher:
         cluster_max: dict[str, float] | None = None,
         group_start_timeout_s: float = 1800.0,
         metrics: DispatcherMetrics | None = None,
+        log_format: LogFormat = "auto",
+        log_level: str = "INFO",
     ) -> None:
         self.store = store
         self.storage = storage
@@ -67,7 +69,7 @@ class Dispatcher:
         self.owns_pool = pool is None
         self.pool = pool or GroupPool(store, self.id, PoolSettings(
             redis_url, ray_address, idle_s=warm_idle_s, keep_warm=warm_groups,
-            hold_ttl_s=lease_ttl_s,
+            hold_ttl_s=lease_ttl_s, log_format=log_format, log_level=log_level,
         ))  # fmt: skip
         # The dispatcher evaluates small models beside busy Ray workers; there, torch's
         # default of one thread per core was 2.4x slower with the other core busy and up to

@@ -12,6 +12,7 @@ none (it has an outcome already, was stopped, or its lease is gone).
 """
 
 import gc
+import logging
 import time
 import traceback
 from collections.abc import Callable
@@ -27,17 +28,21 @@ import torch
 import torch.distributed as dist
 
 from shared.group_channel import GroupChannel, GroupConfig, StageOutcome, StageTask
+from shared.logs import configure_own_logging, log_context
 from shared.redis_keys import Keys
 from shared.store import JobStore, connect
 from workers.train_loop import train_stage
 
 T = TypeVar("T")
 
+log = logging.getLogger("aetrain.group")
+
 REDIS_RETRY_S = 0.5  # Redis down for a moment: wait for it rather than end the group
 
 
 def group_loop_per_worker(config: dict[str, Any]) -> None:
     group = GroupConfig.model_validate(config)
+    configure_own_logging(group.log_format, group.log_level)
     ctx = ray.train.get_context()  # [ray]
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     client = connect(group.redis_url)
@@ -54,7 +59,14 @@ def group_loop_per_worker(config: dict[str, Any]) -> None:
             done = max(done, seq)
             continue
         try:
-            outcome = run_task(task, attempt, rank, world_size, store, channel, nodes)
+            # Every line of aetrain's the rank logs meanwhile names the job and the stage.
+            with log_context(job_id=task.job_id, stage=task.stage):
+                log.info("rank %d of %d: start %d of the stage", rank, world_size, attempt)
+                try:
+                    outcome = run_task(task, attempt, rank, world_size, store, channel, nodes)
+                except Exception:
+                    log.exception("rank %d of %d: the stage failed", rank, world_size)
+                    raise
         except Exception as exc:
             _record_error(channel, task, exc)
             if world_size > 1:

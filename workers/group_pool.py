@@ -27,6 +27,7 @@ import redis
 
 from shared.claims import Claim
 from shared.group_channel import GroupChannel, GroupConfig, GroupShape, StageTask
+from shared.logs import LogFormat
 from shared.store import JobStore
 from workers.group_launcher import DriverProcess, shared_launcher
 
@@ -46,6 +47,8 @@ class PoolSettings:
     hold_ttl_s: float = 15.0  # an idle group's hold lapses this long after its last renewal
     heartbeat_timeout_s: float = 10.0  # a group ends this long after its dispatcher's last beat
     collective_timeout_s: int = 1800
+    log_format: LogFormat = "auto"  # of the ranks' own lines (the dispatcher's)
+    log_level: str = "INFO"
 
 
 class WarmGroup:
@@ -269,6 +272,7 @@ class GroupPool:
             ray_storage=str(folder / "ray"),
             collective_timeout_s=self.settings.collective_timeout_s,
             heartbeat_timeout_s=self.settings.heartbeat_timeout_s,
+            log_format=self.settings.log_format, log_level=self.settings.log_level,
         )  # fmt: skip
         channel = GroupChannel(self.store.redis, self.store.keys, group_id)
         channel.delete()

@@ -68,6 +68,8 @@ def run_worker(settings: Settings | None = None) -> None:
         warm_groups=settings.warm_groups,
         cluster_max=settings.cluster_max,
         group_start_timeout_s=settings.group_start_timeout_s,
+        log_format=settings.log_format,
+        log_level=settings.log_level,
         metrics=metrics,
     )
     if port is not None:

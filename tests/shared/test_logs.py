@@ -16,6 +16,7 @@ from shared.logs import (
     JsonFormatter,
     PlainFormatter,
     configure_logging,
+    configure_own_logging,
     current_context,
     is_json,
     log_context,
@@ -152,3 +153,41 @@ def test_configure_logging_writes_plain_lines_to_a_terminal_unless_told_json() -
     configure_logging("json", "INFO", forced)
     logging.getLogger("aetrain.test").info("hi")
     assert json.loads(forced.getvalue())["message"] == "hi"
+
+
+@pytest.fixture
+def own_logger() -> Iterator[None]:
+    """configure_own_logging changes the `aetrain` logger: as it was, afterwards."""
+    own = logging.getLogger("aetrain")
+    handlers, level, propagate = list(own.handlers), own.level, own.propagate
+    yield
+    for handler in list(own.handlers):
+        own.removeHandler(handler)
+    for handler in handlers:
+        own.addHandler(handler)
+    own.setLevel(level)
+    own.propagate = propagate
+
+
+@pytest.mark.usefixtures("own_logger")
+def test_configure_own_logging_names_the_job_on_aetrains_lines_and_leaves_others_alone() -> None:
+    # As in a Ray worker: Ray's loggers have handlers of their own, which must stay.
+    theirs = logging.getLogger("ray.train.test")
+    their_handler = logging.NullHandler()
+    theirs.addHandler(their_handler)
+    stream = io.StringIO()
+    try:
+        configure_own_logging("json", "INFO", stream)
+        configure_own_logging("json", "INFO", stream)  # a restarted rank: still one handler
+        assert len(logging.getLogger("aetrain").handlers) == 1
+        with log_context(job_id="j7", stage="layer2"):
+            logging.getLogger("aetrain.group").info("rank %d of %d", 0, 2)
+            theirs.warning("not ours")
+        assert theirs.handlers == [their_handler]
+    finally:
+        theirs.removeHandler(their_handler)
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line) | {"ts": 0} == {
+        "ts": 0, "level": "INFO", "logger": "aetrain.group", "message": "rank 0 of 2",
+        "job_id": "j7", "stage": "layer2",
+    }  # fmt: skip

@@ -1,6 +1,8 @@
 """Warm worker groups on a real local Ray: reuse, isolation, chains, keep-warm and letting go."""
 
+import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,25 @@ def test_a_chain_of_stages_trains_on_one_group(
     assert groups == set(dispatcher.pool.groups), groups
     (group,) = dispatcher.pool.groups.values()
     assert group.stages == 3
+    # The ranks' own log lines, which Ray forwards to the group's driver, name job and stage.
+    started = {(line["job_id"], line["stage"]) for line in own_lines(group.folder / "group.log")
+               if line["message"].startswith("rank 0 of 1: start")}  # fmt: skip
+    assert started >= {(job_id, stage) for stage in ("layer1", "layer2", "finetune")}, started
+
+
+def own_lines(log: Path, timeout_s: float = 20.0) -> list[dict[str, Any]]:
+    """aetrain's JSON lines in a group's log, once the finetune's start has been forwarded
+    (Ray's log monitor reads the workers' files every so often)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = []
+        for text in log.read_text(errors="replace").splitlines():
+            start = text.find('{"ts"')  # after Ray's "(RayTrainWorker pid=...)" prefix
+            if start >= 0 and '"logger": "aetrain.' in text:
+                found.append(json.loads(text[start:]))
+        if any(line.get("stage") == "finetune" for line in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def group_named_in(log: Path) -> str:
