@@ -288,8 +288,12 @@ def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
     return True
 
 
-def ingress_allowed(source: dict[str, str], target: dict[str, str], port: int) -> bool:
-    """Whether the NetworkPolicies let a pod labelled `source` (same namespace) reach `target`."""
+def ingress_allowed(
+    source: dict[str, str], target: dict[str, str], port: int,
+    namespace: dict[str, str] | None = None,
+) -> bool:  # fmt: skip
+    """Whether the NetworkPolicies let a pod labelled `source` reach `target`: a pod of the same
+    namespace, or with `namespace` (that namespace's labels) a pod of another one."""
     policies = [
         d.body["spec"] for d in docs_of("NetworkPolicy")
         if selects(d.body["spec"]["podSelector"], target)
@@ -303,12 +307,21 @@ def ingress_allowed(source: dict[str, str], target: dict[str, str], port: int) -
             if ports and not any(p.get("port") in (None, port) for p in ports):
                 continue
             peers = rule.get("from")
-            if not peers or any(peer_admits(peer, source) for peer in peers):
+            if not peers or any(peer_admits(peer, source, namespace) for peer in peers):
                 return True
     return False
 
 
-def peer_admits(peer: dict[str, Any], source: dict[str, str]) -> bool:
-    if "ipBlock" in peer or "namespaceSelector" in peer:
-        return True  # reaches beyond this namespace's labels: count it as open
-    return selects(peer.get("podSelector"), source)
+def peer_admits(
+    peer: dict[str, Any], source: dict[str, str], namespace: dict[str, str] | None
+) -> bool:
+    """Kubernetes' rule for one `from` entry: a podSelector alone means this namespace; a
+    namespaceSelector, the namespaces it selects (this one is not assumed to be among them)."""
+    if "ipBlock" in peer:
+        return True  # addresses, not labels: count it as open
+    if "namespaceSelector" in peer:
+        if namespace is None or not selects(peer["namespaceSelector"], namespace):
+            return False
+    elif namespace is not None:
+        return False
+    return "podSelector" not in peer or selects(peer["podSelector"], source)

@@ -8,9 +8,14 @@ import pytest
 
 from tests.deploy import manifests as m
 
-PORTS = {"api": 8000, "redis": 6379, "gcs": 6379, "dashboard": 8265, "raylet": 10002}
+PORTS = {"api": 8000, "redis": 6379, "gcs": 6379, "dashboard": 8265, "raylet": 10002,
+         "dispatcher metrics": 9101}  # fmt: skip
 # A pod of someone else's in the same namespace: no aetrain labels.
 OUTSIDER = {"app.kubernetes.io/name": "something-else"}
+# Prometheus, in the namespace the metrics policy names; and any other namespace.
+MONITORING = {"kubernetes.io/metadata.name": "monitoring"}
+PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
+ELSEWHERE = {"kubernetes.io/metadata.name": "team-x"}
 
 
 def pods() -> dict[str, dict[str, str]]:
@@ -64,6 +69,25 @@ def test_redis_is_reachable_from_aetrain_processes(source: str) -> None:
 @pytest.mark.parametrize("port", sorted(set(PORTS.values())))
 def test_redis_and_ray_are_private(target: str, port: int) -> None:
     assert not m.ingress_allowed(OUTSIDER, pods()[target], port)
+    assert not m.ingress_allowed(OUTSIDER, pods()[target], port, namespace=ELSEWHERE)
+    if (target, port) != ("dispatcher", PORTS["dispatcher metrics"]):
+        assert not m.ingress_allowed(PROMETHEUS, pods()[target], port, namespace=MONITORING)
+
+
+def test_only_the_monitoring_namespace_reaches_the_dispatchers_metrics() -> None:
+    dispatcher, port = pods()["dispatcher"], PORTS["dispatcher metrics"]
+    assert m.ingress_allowed(PROMETHEUS, dispatcher, port, namespace=MONITORING)
+    assert not m.ingress_allowed(PROMETHEUS, dispatcher, port, namespace=ELSEWHERE)
+    assert not m.ingress_allowed(OUTSIDER, dispatcher, port)
+    assert not m.ingress_allowed(pods()["api"], dispatcher, port)
+    # The port the policy opens is the one the dispatcher serves and its pod announces.
+    (template,) = [t for where, t in m.pod_templates() if where.endswith("aetrain-dispatcher")]
+    (container,) = template["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["AETRAIN_DISPATCHER_METRICS_PORT"] == str(port)
+    assert env["AETRAIN_METRICS_HOST"] == "0.0.0.0"  # the pod's address, not its loopback
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": port}
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(port)
 
 
 @pytest.mark.parametrize("target", ["ray-head", "ray-worker", "dispatcher"])
