@@ -54,7 +54,7 @@ STATUS: dict[type[TrainServiceError], int] = {
 # Seconds a client should wait before trying again, per status.
 _RETRY_AFTER = {429: "30", 503: "2"}
 
-# Checks across fields (shared/specs.py) start their message with the field they blame.
+# Checks across fields (shared/specs/) start their message with the field they blame.
 _NAMED_FIELD = re.compile(r"^Value error, ([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
 
 # pydantic puts the tag of a discriminated union member into an error's location.
