@@ -24,13 +24,14 @@ RATE_WINDOW_TTL_S = 120  # a clock minute's counter outlives its minute
 NO_LIMIT = -1
 
 # KEYS: job, tenant index, state index, tenant queue, waiting tenants, tenants, open jobs,
-# this minute's submissions, changes stream, idempotency key (or "" without one).
+# this minute's submissions, changes stream, then the idempotency key if there is one (not an
+# empty name in its place: a Redis user limited to aetrain's prefix by an ACL may not name it).
 # ARGV: job id, record, queue score, tenant, max open, max per minute (-1: none),
 # idempotency entry, its ttl, the changes stream's cap, the minute counter's ttl.
 # Returns {'created'}, {'seen', entry}, {'too_many'} or {'rate_limited'}. A known idempotency
 # key is answered before the limits: a retry counts against neither.
 _SUBMIT = """
-if KEYS[10] ~= '' then
+if #KEYS == 10 then
   local seen = redis.call('GET', KEYS[10])
   if seen then return {'seen', seen} end
 end
@@ -49,7 +50,7 @@ redis.call('SADD', KEYS[6], ARGV[4])
 redis.call('SADD', KEYS[7], ARGV[1])
 redis.call('INCR', KEYS[8])
 redis.call('EXPIRE', KEYS[8], ARGV[10])
-if KEYS[10] ~= '' then redis.call('SET', KEYS[10], ARGV[7], 'EX', ARGV[8]) end
+if #KEYS == 10 then redis.call('SET', KEYS[10], ARGV[7], 'EX', ARGV[8]) end
 redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1])
 return {'created'}
 """
@@ -89,12 +90,12 @@ class Submissions:
         spec_json = job.spec.model_dump_json()
         digest = spec_digest(spec_json)
         now = time.time()
-        idem_key = keys.idempotency(tenant, idempotency_key) if idempotency_key else ""
+        idem_keys = [keys.idempotency(tenant, idempotency_key)] if idempotency_key else []
         reply = self._submit(
             keys=[keys.job(job.id), keys.index(tenant), keys.state_index(tenant, job.state),
                   keys.tenant_queue(tenant), keys.waiting_tenants, keys.tenants,
                   keys.open_jobs(tenant), keys.submissions(tenant, int(now // 60)),
-                  keys.changes, idem_key],
+                  keys.changes, *idem_keys],
             args=[job.id, job.model_dump_json(), queue_score(job), tenant,
                   NO_LIMIT if max_open is None else max_open,
                   NO_LIMIT if max_per_minute is None else max_per_minute,

@@ -1,13 +1,18 @@
-"""JobReads (GET /v1/jobs/{id} on the event loop) on a private redis-server that is killed and
-started again: the first read after Redis is back answers, as the sync store's does."""
+"""JobReads (GET /v1/jobs/{id} on the event loop) and its asyncio client: the first read after
+a Redis restart answers, as the sync store's does; a hung Redis is one timeout, not a storm."""
 
 import asyncio
+import contextlib
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
-from service.job_reads import JobReads
+from service.job_reads import JobReads, connect_async
 from shared.errors import JobNotFound
 from shared.jobs import JobRecord
 from shared.specs import parse_job_spec
@@ -73,3 +78,39 @@ def test_the_first_read_after_a_redis_restart_answers(private_redis: PrivateRedi
         asyncio.run(scenario())
     finally:
         store.redis.close()
+
+
+def test_a_hung_redis_is_one_timeout_on_one_connection_not_a_retry_storm() -> None:
+    """A Redis that takes connections and never answers (SIGSTOPped, a VM pause): a read gives
+    up after its socket timeout, as the sync store's does; retrying timeouts (redis-py's
+    default), with the handshake retried inside each retry, made it 16 connections and 84 s."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+
+    async def read() -> float:
+        client = connect_async(f"redis://127.0.0.1:{listener.getsockname()[1]}", 0.3)
+        started = time.monotonic()
+        try:
+            with pytest.raises(redis.TimeoutError):
+                await client.get("anything")
+            return time.monotonic() - started
+        finally:
+            await client.aclose()
+
+    try:
+        elapsed = asyncio.run(read())
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+    assert len(accepted) == 1
+    assert elapsed < 3.0  # 0.3 s, and the pool's checks; not 16 times over

@@ -1,5 +1,6 @@
 """JobStore on a real redis-server: submission, claims, leases and fencing, progress."""
 
+import secrets
 import threading
 import time
 from collections import Counter
@@ -636,6 +637,28 @@ def test_simultaneous_submissions_of_one_tenant_all_land_and_the_limits_hold_exa
     finally:
         for client in clients:
             client.redis.close()
+
+
+def test_a_redis_user_limited_to_the_prefix_by_an_acl_can_submit(
+    store: JobStore, redis_url: str
+) -> None:
+    """As a managed Redis or a careful operator sets it up: the user may touch aetrain's keys
+    only. The submission script names only such keys (no empty one without an idempotency
+    key: Redis refused that with NOPERM)."""
+    user = f"limited-{secrets.token_hex(4)}"
+    store.redis.acl_setuser(user, enabled=True, passwords=["+pw"], keys=[f"{store.prefix}:*"],
+                            commands=["+@all"], channels=["*"])  # fmt: skip
+    host_port = redis_url.removeprefix("redis://").split("/")[0]
+    limited = JobStore(connect(f"redis://{user}:pw@{host_port}/0"), store.prefix)
+    try:
+        job, created = limited.submit(new_job())
+        assert created and limited.get(job.id).id == job.id
+        first, _ = limited.submit(new_job(), "key-1")
+        again, created = limited.submit(new_job(), "key-1")
+        assert not created and again.id == first.id
+    finally:
+        limited.redis.close()
+        store.redis.acl_deluser(user)
 
 
 def test_without_room_only_a_job_whose_runner_died_is_taken(store: JobStore) -> None:
