@@ -740,8 +740,8 @@ def main() -> None:
         "--ray-python; 'none' to skip)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary home")
-    parser.add_argument("--api-workers", type=int, default=os.cpu_count() or 1,
-                        help="AETRAIN_API_WORKERS of the stack (default: one per core)")
+    parser.add_argument("--api-workers", type=int, default=min(len(os.sched_getaffinity(0)), 64),
+                        help="AETRAIN_API_WORKERS of the stack (default: one per usable core)")
     parser.add_argument("--load-only", action="store_true",
                         help="only the two load phases: no profile, scale or Ray Jobs part")
     args = parser.parse_args()

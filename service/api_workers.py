@@ -22,17 +22,33 @@ from shared.settings import Settings
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+FOLDER_PREFIX = "aetrain-api-metrics-"
+
+
 @contextmanager
 def metrics_folder() -> Iterator[Path]:
     """A new, empty folder for the workers' metric files, named in the environment they
-    inherit; removed at the end (a folder of a previous run would add its counts)."""
-    folder = Path(tempfile.mkdtemp(prefix="aetrain-api-metrics-"))
+    inherit; removed at the end (a folder of a previous run would add its counts). Folders
+    that a killed supervisor left behind (its pid is in the name) are removed first."""
+    remove_orphaned_folders(Path(tempfile.gettempdir()))
+    folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
     os.environ[MULTIPROC_ENV] = str(folder)
     try:
         yield folder
     finally:
         os.environ.pop(MULTIPROC_ENV, None)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_orphaned_folders(parent: Path) -> list[Path]:
+    """Remove the metric folders of supervisors that are no longer running; what was removed."""
+    removed = []
+    for folder in parent.glob(f"{FOLDER_PREFIX}*-*"):
+        pid = folder.name.removeprefix(FOLDER_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def serve_workers(settings: Settings, host: str, port: int, workers: int) -> None:
@@ -44,10 +60,11 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> Non
     from shared.store import JobStore, connect
 
     with metrics_folder():
-        server = thread = None
+        server = thread = store = None
         if settings.metrics_port is not None:
+            store = JobStore(connect(settings.require_redis_url()), settings.key_prefix)
             jobs = JobsCollector()
-            jobs.store = JobStore(connect(settings.require_redis_url()), settings.key_prefix)
+            jobs.store = store
             registry = worker_processes_registry(jobs)
             server, thread = start_http_server(
                 settings.metrics_port, addr=settings.metrics_host, registry=registry
@@ -63,3 +80,5 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> Non
                 server.shutdown()
                 server.server_close()
                 thread.join(timeout=5)
+            if store is not None:
+                store.redis.close()

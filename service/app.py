@@ -42,9 +42,10 @@ def web_page(request: Request) -> FileResponse:
     return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
 
 
-def create_app(settings: Settings, serve_metrics_port: bool = True) -> FastAPI:
-    """The API. With `serve_metrics_port` False, AETRAIN_METRICS_PORT is left to the
-    supervisor of several worker processes (service/api_workers.py), which serves their sum."""
+def create_app(settings: Settings, worker_process: bool = False) -> FastAPI:
+    """The API. As one of several worker processes (service/api_workers.py), its metrics are
+    kept in prometheus-client's multiprocess files and AETRAIN_METRICS_PORT is left to the
+    supervisor, which serves the sum."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,7 +57,7 @@ def create_app(settings: Settings, serve_metrics_port: bool = True) -> FastAPI:
         metrics.jobs.store = app.state.store
         await hub.start()
         try:
-            if settings.metrics_port is not None and serve_metrics_port:
+            if settings.metrics_port is not None and not worker_process:
                 metrics.serve(settings.metrics_port, settings.metrics_host)
             yield
         finally:
@@ -72,7 +73,7 @@ def create_app(settings: Settings, serve_metrics_port: bool = True) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings)
     # Added last, so outermost: it times the requests RequestGuard refuses too.
-    app.state.metrics = metrics = ApiMetrics()
+    app.state.metrics = metrics = ApiMetrics(multiprocess=worker_process)
     app.add_middleware(RequestMetrics, histogram=metrics.requests)
     app.include_router(health.router)
     app.include_router(jobs.router)
@@ -108,4 +109,4 @@ def app_from_environment() -> FastAPI:
         os.kill(os.getpid(), signal.SIGKILL)
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
-    return create_app(settings, serve_metrics_port=False)
+    return create_app(settings, worker_process=True)

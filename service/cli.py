@@ -101,6 +101,9 @@ def api(
     ] = None,
 ) -> None:
     """Run the HTTP API alone (needs AETRAIN_REDIS_URL)."""
+    # Multiprocess metrics only where --workers sets them up (service/api_workers.py): an
+    # inherited folder would add a stranger's counts.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     import uvicorn
 
     from service.app import create_app

@@ -35,6 +35,7 @@ KEY_CHECK_S = 2.0
 SLOT_TTL_S = 30.0
 SLOT_REFRESH_S = 10.0
 STOP_STEP_S = 5.0
+FOLLOW_WAIT_S = 10.0  # a follow that the hub cannot start reading for fails as a Redis error
 
 # KEYS: a tenant's open streams. ARGV: stream id, limit, ttl_ms. Redis's clock, so that every
 # API process agrees on what has expired.
@@ -142,7 +143,11 @@ class EventHub:
         self._following += 1  # the hub does not go idle while this is under way
         try:
             self._wanted.set()
-            await self._reading.wait()
+            try:  # an idle hub reads where `changes` ends first: Redis may be down meanwhile
+                async with asyncio.timeout(FOLLOW_WAIT_S):
+                    await self._reading.wait()
+            except TimeoutError:
+                raise redis.ConnectionError("the event hub cannot read Redis") from None
             if watch.job_id not in self._metrics_after:
                 after = await self._last_id(self.keys.metrics(watch.job_id))
                 self._metrics_after.setdefault(watch.job_id, after)  # an older one is safe

@@ -12,7 +12,6 @@ without a key and not on the API's port at all (docs/observability.md).
 """
 
 import logging
-import os
 import threading
 from collections.abc import Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
@@ -114,14 +113,15 @@ def worker_processes_registry(jobs: Collector) -> CollectorRegistry:
 class ApiMetrics:
     """One API app's metrics, in a registry of its own (two apps in one process never clash).
 
-    With PROMETHEUS_MULTIPROC_DIR set (`aetrain api --workers N`, N > 1), prometheus-client
-    keeps each process's values in a file there and the exposition sums them.
+    `multiprocess`: one of the worker processes of `aetrain api --workers N` (N > 1), which
+    keep their values in files of PROMETHEUS_MULTIPROC_DIR (set by the supervisor); the
+    exposition sums them. Said by the caller, not guessed from an inherited variable.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.jobs = JobsCollector()
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.multiprocess = multiprocess
         if not self.multiprocess:
             for standard in (ProcessCollector, PlatformCollector, GCCollector):
                 standard(registry=self.registry)

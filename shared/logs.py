@@ -176,4 +176,3 @@ def configure_own_logging(
     own.propagate = False
     own.setLevel(level.upper() if isinstance(level, str) else level)
     return handler
-

@@ -3,11 +3,12 @@
 import logging
 import os
 import signal
+import sys
 from types import FrameType
 
 import ray
 
-from shared.logs import configure_logging
+from shared.logs import configure_logging, is_json
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore, connect, warn_if_redis_evicts
@@ -68,7 +69,8 @@ def run_worker(settings: Settings | None = None) -> None:
         warm_groups=settings.warm_groups,
         cluster_max=settings.cluster_max,
         group_start_timeout_s=settings.group_start_timeout_s,
-        log_format=settings.log_format,
+        # Resolved here: `auto` on a rank would look at the rank's stderr, never a terminal.
+        log_format="json" if is_json(settings.log_format, sys.stderr) else "plain",
         log_level=settings.log_level,
         metrics=metrics,
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.api_workers import FOLDER_PREFIX, remove_orphaned_folders
 from tests.conftest import descendants, free_port
 from tests.service.test_metrics_endpoint import LATENCY, scrape, value
 from tests.specs import digits_spec
@@ -117,3 +118,17 @@ def test_a_killed_supervisor_takes_its_workers_along(api: Api) -> None:
     assert not [pid for pid in workers if alive(pid)]
     with pytest.raises(httpx.ConnectError):  # nothing serves the port any more
         httpx.get(f"{api.url}/healthz", timeout=2)
+
+
+def test_metric_folders_of_dead_supervisors_are_removed_and_live_ones_kept(
+    tmp_path: Path,
+) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    gone = tmp_path / f"{FOLDER_PREFIX}{dead.pid}-abc"
+    mine = tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-def"
+    for folder in (gone, mine):
+        folder.mkdir()
+        (folder / "histogram_1.db").write_bytes(b"x")
+    assert remove_orphaned_folders(tmp_path) == [gone]
+    assert not gone.exists() and mine.exists()

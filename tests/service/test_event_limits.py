@@ -2,6 +2,7 @@
 streams (counted in Redis, freed when a stream ends), a revoked key's stream closes, and idle
 streams cost neither the API's threads nor Redis calls."""
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -9,12 +10,17 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import redis
 
+from service import event_hub
 from service.app import create_app
+from service.event_hub import EventHub, Watch
 from shared.jobs import JobRecord
+from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.specs import parse_job_spec
 from shared.store import JobStore
+from tests.conftest import free_port
 from tests.service.helpers import serve
 from tests.specs import digits_spec
 
@@ -206,3 +212,25 @@ def test_an_api_without_open_streams_reads_no_changes_and_a_later_stream_still_w
                     break
             assert any('"cancelled"' in line for line in events)
         assert xreads(store) > before
+
+
+def test_a_follow_while_redis_is_down_fails_as_a_redis_error_instead_of_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hub went idle (no stream open); a stream then follows a job while Redis is down:
+    the follow fails (the stream ends, the client retries) rather than wait in silence."""
+    monkeypatch.setattr(event_hub, "FOLLOW_WAIT_S", 0.5)
+    nothing_listens = f"redis://127.0.0.1:{free_port()}/0"
+
+    async def follow() -> float:
+        hub = EventHub(nothing_listens, Keys("down"))
+        await hub.start()
+        try:
+            started = time.monotonic()
+            with pytest.raises(redis.ConnectionError):
+                await hub.follow(Watch("j1", "alice", "slot", None))
+            return time.monotonic() - started
+        finally:
+            await hub.stop()
+
+    assert asyncio.run(follow()) < 5.0
