@@ -1,5 +1,6 @@
 """`aetrain api --workers 2` on a real Redis: two processes serve one port, `/metrics` and the
-metrics port show the requests of both, and a killed supervisor takes its workers along."""
+metrics port show the requests of both, and a killed supervisor takes its workers along;
+metric folders of dead supervisors are removed."""
 
 import os
 import secrets
@@ -78,7 +79,16 @@ def worker_pids(api: Api) -> list[int]:
             if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
 
 
-def test_two_workers_serve_one_port_and_their_metrics_are_summed(api: Api) -> None:
+def alive(pid: int) -> bool:
+    try:  # a zombie (state Z) has died; its reaper may not have come yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_two_workers_serve_one_port_sum_their_metrics_and_die_with_their_supervisor(
+    api: Api,
+) -> None:
     workers = worker_pids(api)
     assert len(workers) == 2
     job = httpx.post(f"{api.url}/v1/jobs", json=digits_spec(), timeout=10)
@@ -98,18 +108,7 @@ def test_two_workers_serve_one_port_and_their_metrics_are_summed(api: Api) -> No
         assert value(samples, f"{LATENCY}_count", **count) == READS
         assert value(samples, "aetrain_jobs", tenant="default", state="queued") == 1
 
-
-def alive(pid: int) -> bool:
-    try:  # a zombie (state Z) has died; its reaper may not have come yet
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-@pytest.mark.parametrize("api", ["metrics on the API's port"], indirect=True)
-def test_a_killed_supervisor_takes_its_workers_along(api: Api) -> None:
-    workers = worker_pids(api)
-    assert len(workers) == 2
+    # A SIGKILLed supervisor (no chance to stop them) takes its workers along.
     os.kill(api.process.pid, signal.SIGKILL)
     api.process.wait(timeout=10)
     deadline = time.monotonic() + 10
