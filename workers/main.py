@@ -19,9 +19,11 @@ from workers.metrics import DispatcherMetrics
 def quiet_log_monitor() -> None:
     """Ray's log monitor (a process of every local Ray) globs its log folder every 0.1 s while
     it holds under 1,000 files, and each warm group adds about ten: measured at ~2% of a core
-    per cluster over a test session. Nothing here reads logs through Ray (log_to_driver is
-    off), so new files are looked for every 5 s. Set before `ray.init` starts the monitor,
-    which inherits this environment; an operator's own values win."""
+    per cluster over a test session. New files are looked for every 5 s instead: the
+    dispatcher reads no logs through Ray (log_to_driver is off), and the warm groups' drivers,
+    which copy their ranks' lines into their group.log, get a new worker's lines up to 5 s
+    later. Set before `ray.init` starts the monitor, which inherits this environment; an
+    operator's own values win."""
     os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
     os.environ.setdefault("LOG_NAME_UPDATE_INTERVAL_S", "5")
 
