@@ -20,9 +20,7 @@ from pathlib import Path
 from shared.settings import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-FOLDER_PREFIX = "aetrain-api-metrics-"
+FOLDER_PREFIX = "aetrain-api-metrics-"  # then the supervisor's pid
 
 
 @contextmanager
