@@ -1,10 +1,11 @@
-"""model_response: a pydantic model as the JSON response of a sync route, serialized once.
+"""model_response: a pydantic model as the JSON response of a route, serialized once.
 
-A sync route that returns a model has FastAPI validate it again against its `response_model`
-on a thread of the pool (one more hop per request) before it serializes it; a JobRecord
-carries its whole spec, so that is a second full validation of what the store has just
-built and validated. The routes on the hot paths (submit, read, list, cancel) return this
-instead, with `response_model=` kept on the route for the OpenAPI document.
+A route that returns a model has FastAPI validate it again against its `response_model`
+before it serializes it, for a sync route on a thread of the pool (one more hop per
+request); a JobRecord carries its whole spec, so that is a second full validation of what
+the store has just built and validated. The routes on the hot paths (submit, read, list,
+cancel) return this instead, with `response_model=` kept on the route for the OpenAPI
+document.
 """
 
 from fastapi import Response
