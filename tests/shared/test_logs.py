@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +29,26 @@ class Terminal(io.StringIO):
         return True
 
 
+@contextmanager
+def restored(logger: logging.Logger) -> Iterator[None]:
+    """The logger's handlers, level and propagation as they were, afterwards."""
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    try:
+        yield
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 @pytest.fixture
 def root_handlers() -> Iterator[None]:
     """configure_logging replaces the root logger's handlers: give pytest's back."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
+    with restored(logging.getLogger()):
+        yield
 
 
 def record(message: str = "hello %s", *args: Any, **attrs: Any) -> logging.LogRecord:
@@ -158,15 +168,8 @@ def test_configure_logging_writes_plain_lines_to_a_terminal_unless_told_json() -
 @pytest.fixture
 def own_logger() -> Iterator[None]:
     """configure_own_logging changes the `aetrain` logger: as it was, afterwards."""
-    own = logging.getLogger("aetrain")
-    handlers, level, propagate = list(own.handlers), own.level, own.propagate
-    yield
-    for handler in list(own.handlers):
-        own.removeHandler(handler)
-    for handler in handlers:
-        own.addHandler(handler)
-    own.setLevel(level)
-    own.propagate = propagate
+    with restored(logging.getLogger("aetrain")):
+        yield
 
 
 @pytest.mark.usefixtures("own_logger")
