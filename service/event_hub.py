@@ -23,7 +23,7 @@ from typing import Any
 
 import redis.asyncio
 
-from service.job_reads import connect_async
+from service.async_redis import connect_async
 from shared.errors import TooManyStreams
 from shared.redis_keys import Keys
 

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from service.job_reads import JobReads, connect_async
+from service.async_redis import connect_async
+from service.job_reads import JobReads
 from shared.errors import JobNotFound
 from shared.jobs import JobRecord
 from shared.specs import parse_job_spec
