@@ -20,6 +20,7 @@ from shared.jobs import JobRecord, JobState
 from shared.logs import LogFormat, log_context
 from shared.storage import Storage
 from shared.store import DEFAULT_MAX_TAKEOVERS, JobStore
+from workers.cluster_limits import ClusterLimits
 from workers.faults import pause_at
 from workers.group_pool import GroupPool, PoolSettings
 from workers.janitor import SWEEP_INTERVAL_S, sweep_logged
@@ -60,7 +61,8 @@ class Dispatcher:
         self.slots = slots
         self.max_takeovers = max_takeovers
         self.min_free_disk_bytes = min_free_disk_bytes
-        self.cluster_max = cluster_max or {}
+        # AETRAIN_CLUSTER_MAX_* where set, else the autoscaler's maximum (cluster_limits.py)
+        self.cluster_limits = ClusterLimits(cluster_max or {})
         self.group_start_timeout_s = group_start_timeout_s
         self.id = dispatcher_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
@@ -167,7 +169,7 @@ class Dispatcher:
             if set(self._running) - self._trained - self.store.scheduler.asking_jobs():
                 return False  # a job just claimed has not asked for its resources yet
             used, waiting = self.store.scheduler.reserved()
-            size = cluster_size(ray.cluster_resources(), self.cluster_max)
+            size = cluster_size(ray.cluster_resources(), self.cluster_limits.most())
             free_cpus = size.get("CPU", 0.0) - used.get("CPU", 0.0)
             free_cpus += self.pool.idle_cpus()  # held by our idle groups: a job may adopt one
         except Exception as exc:  # Redis or Ray unreachable: claiming would fail too
@@ -215,7 +217,7 @@ class Dispatcher:
     def _execute(self, claim: Claim, lease: LeaseKeeper) -> JobRecord | None:
         job = claim.job
         wiring = Wiring(self.store, self.storage, self.pool, self.min_free_disk_bytes,
-                        self.cluster_max, self.group_start_timeout_s)  # fmt: skip
+                        self.cluster_limits.most(), self.group_start_timeout_s)  # fmt: skip
         graph = StageGraph(wiring, claim, lease, self.stopping)
         try:
             pause_at("claimed", job.id)

@@ -70,8 +70,9 @@ class Wiring:
     storage: Storage
     pool: GroupPool
     min_free_disk_bytes: int = 0  # a stage is not started on a storage fuller than this
-    # What an autoscaling cluster may grow to (AETRAIN_CLUSTER_MAX_CPUS/GPUS): a stage that
-    # fits it is admitted and waits for the nodes; one that does not fails at once.
+    # What an autoscaling cluster may grow to (AETRAIN_CLUSTER_MAX_CPUS/GPUS, else the
+    # autoscaler's maximum: cluster_limits.py): a stage that fits it is admitted and waits for
+    # the nodes; one that does not fails at once.
     cluster_max: dict[str, float] = field(default_factory=dict)
     group_start_timeout_s: float = 1800.0
 
