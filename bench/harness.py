@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from service.app import create_app  # noqa: E402
 from shared.settings import Settings  # noqa: E402
-from shared.storage import Storage  # noqa: E402
+from shared.storage import LocalStorage  # noqa: E402
 from shared.store import JobStore, connect  # noqa: E402
 from tests.conftest import free_port, wait_for_ping  # noqa: E402
 from workers.dispatcher import Dispatcher  # noqa: E402
@@ -30,7 +30,7 @@ from workers.dispatcher import Dispatcher  # noqa: E402
 class Service:
     client: TestClient
     store: JobStore
-    storage: Storage
+    storage: LocalStorage
     redis_url: str
     ray_address: str
 
@@ -64,7 +64,7 @@ def local_service() -> Iterator[Service]:
             yield Service(
                 client,
                 JobStore(connect(redis_url)),
-                Storage(settings.storage_root),
+                LocalStorage(settings.storage_root),
                 redis_url,
                 ray.get_runtime_context().gcs_address,
             )

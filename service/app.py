@@ -18,7 +18,7 @@ from service.metrics import router as metrics_router
 from service.metrics_http import RequestMetrics, bind_request_log_context
 from service.routes import datasets, events, health, jobs, logs
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import open_storage
 from shared.store import JobStore, connect
 
 
@@ -52,7 +52,7 @@ def create_app(settings: Settings, worker_process: bool = False) -> FastAPI:
         client = connect(settings.require_redis_url())
         app.state.store = JobStore(client, settings.key_prefix, settings.retention_s)
         app.state.job_reads = reads = JobReads(settings.require_redis_url(), app.state.store.keys)
-        app.state.storage = Storage(settings.storage_root)
+        app.state.storage = open_storage(settings.storage_root)
         app.state.event_hub = hub = EventHub(settings.require_redis_url(), app.state.store.keys)
         metrics.jobs.store = app.state.store
         await hub.start()

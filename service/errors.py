@@ -129,7 +129,16 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("Redis refused a command (%s): %s", reason, exc)
         return _unavailable(reason)
 
+    async def on_storage_error(request: Request, exc: Exception) -> JSONResponse:
+        # What reaches here is the store failing (S3 unreachable or refusing, a disk gone):
+        # absent files are handled where they are looked up, as 404s.
+        log.warning("storage error on %s %s: %s", request.method, request.url.path, exc)
+        reason = " ".join(str(exc).split())[:300]
+        detail = f"the storage is unavailable: {type(exc).__name__}: {reason}"
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
+
     app.add_exception_handler(TrainServiceError, on_domain_error)
+    app.add_exception_handler(OSError, on_storage_error)
     app.add_exception_handler(DatasetInvalid, on_invalid_dataset)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(redis.ConnectionError, on_redis_down)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared import locations
 from shared.logs import LogFormat
 
 
@@ -14,7 +15,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AETRAIN_", extra="ignore")
 
     home: Path = Field(default=Path(".aetrain"), description="state folder of the embedded stack")
-    storage: str | None = Field(default=None, description="storage root; default $HOME/storage")
+    storage: str | None = Field(
+        default=None,
+        description="storage root: a local or mounted path, or s3://bucket/prefix (with the "
+        "AWS_* variables); default $HOME/storage",
+    )
     redis_url: str | None = Field(default=None, description="unset under `up`: spawn redis")
     key_prefix: str = "aetrain"
     auth: Literal["off", "on"] = "on"
@@ -125,8 +130,17 @@ class Settings(BaseSettings):
     def retention_s(self) -> float:
         return self.retention_days * 86_400
 
+    @field_validator("storage")
+    @classmethod
+    def _storage_is_a_path_or_s3(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            return locations.check_url(value)  # ValueError: the setting names what is wrong
+        return value
+
     @property
     def storage_root(self) -> str:
+        if self.storage and locations.is_remote(self.storage):
+            return self.storage
         return self.storage or str((self.home / "storage").resolve())
 
     def require_redis_url(self) -> str:

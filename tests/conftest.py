@@ -1,6 +1,7 @@
 """Real parts for the tests: a redis-server on a free port and one local Ray per session."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore, connect
 
 if TYPE_CHECKING:
@@ -120,12 +121,12 @@ def data_keys(store: JobStore) -> list[str]:
 
 
 @pytest.fixture
-def storage(tmp_path: Path) -> Storage:
-    return Storage(str(tmp_path / "storage"))
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(str(tmp_path / "storage"))
 
 
 @pytest.fixture
-def settings(redis_url: str, storage: Storage, tmp_path: Path) -> Settings:
+def settings(redis_url: str, storage: LocalStorage, tmp_path: Path) -> Settings:
     # Starlette's TestClient sends `Host: testserver`, which the local (auth off) API refuses
     # unless it is allowed, as a real deployment would allow its own name.
     return Settings(
@@ -144,6 +145,57 @@ def auth_settings(settings: Settings) -> Settings:
 def client(settings: Settings, store: JobStore) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+S3_BUCKET = "aetrain-tests"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 API on loopback (moto's server, a process of its own, as redis-server is),
+    named by the AWS variables of this process, which the groups' ranks get from the
+    dispatcher (LaunchRequest.env)."""
+    from pyarrow import fs
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    with open(log, "wb") as out:
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "aetrain-test",
+           "AWS_SECRET_ACCESS_KEY": "aetrain-test", "AWS_REGION": "us-east-1"}  # fmt: skip
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start; see {log}") from None
+                time.sleep(0.1)
+        admin = fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                                region="us-east-1", allow_bucket_creation=True)  # fmt: skip
+        admin.create_dir(S3_BUCKET)
+        yield endpoint
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """A prefix of the test bucket of its own for each test."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name[:40])
+    return f"s3://{S3_BUCKET}/{name}-{os.urandom(4).hex()}"
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,15 @@
 
 A checkpoint folder is `state.pt` plus `manifest.json`, written last, with the epoch and
 the size and sha256 of every file. A folder whose files do not match its manifest (a save
-or a copy cut short, a half-deleted folder, a flipped bit) is never loaded. The hashes, not
-the order of writes, are what count: Ray copies the folder to storage in no set order.
+or a copy cut short, a half-deleted folder, a flipped bit) is never loaded: the hashes, not
+the order of writes, are what count. Folders are locations (shared/locations.py): a local
+or mounted path, or an s3:// prefix, where there is no rename and a file is one PUT.
 """
 
+import fnmatch
 import hashlib
 import io
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared import locations
+
 CHECKPOINT_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
-CHECKPOINT_GLOB = "checkpoint_*"  # Ray Train's checkpoint_<timestamp> folders in a run folder
+CHECKPOINT_GLOB = "checkpoint_*"  # checkpoint_<epoch>[-<token>-<ns>] folders in a run folder
 
 
 class CheckpointCorrupt(ValueError):
@@ -49,43 +52,43 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     epoch: int,
     spec_json: str,
-) -> Path:
-    path = Path(folder) / CHECKPOINT_FILE
+) -> str:
+    """Write state.pt, then the manifest that vouches for it, into a folder (a path or an
+    s3:// location); returns the state file's location."""
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
         "spec": spec_json,  # the checkpoint records how it was made
     }
-    with path.open("wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())  # on disk before a manifest can vouch for it
-    write_manifest(folder, epoch, [CHECKPOINT_FILE])
-    return path
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    location = locations.join(folder, CHECKPOINT_FILE)
+    locations.write_bytes(location, data, durable=True)  # stored before a manifest vouches
+    _put_manifest(folder, epoch, {CHECKPOINT_FILE: data})
+    return location
 
 
-def write_manifest(folder: str | Path, epoch: int, names: Iterable[str]) -> Path:
-    """Record the epoch and each file's size and hash; atomic, so never half a manifest."""
-    folder = Path(folder)
-    files = {}
-    for name in names:
-        data = (folder / name).read_bytes()
-        files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+def write_manifest(folder: str | Path, epoch: int, names: Iterable[str]) -> str:
+    """Record the epoch and each file's size and hash; written whole, so never half a one."""
+    return _put_manifest(
+        folder, epoch, {name: locations.read_bytes(locations.join(folder, name)) for name in names}
+    )
+
+
+def _put_manifest(folder: str | Path, epoch: int, contents: dict[str, bytes]) -> str:
+    files = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+             for name, data in contents.items()}  # fmt: skip
     manifest = {"format": MANIFEST_FORMAT, "epoch": epoch, "files": files}
-    path = folder / MANIFEST_FILE
-    partial = folder / f".{MANIFEST_FILE}.partial"
-    with partial.open("w") as file:
-        json.dump(manifest, file, indent=1)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
-    return path
+    location = locations.join(folder, MANIFEST_FILE)
+    locations.write_bytes(location, json.dumps(manifest, indent=1).encode(), durable=True)
+    return location
 
 
 def check(folder: str | Path) -> int:
     """The epoch of a checkpoint whose files all match its manifest; else CheckpointCorrupt."""
-    epoch, _ = _verified_files(Path(folder))
+    epoch, _ = _verified_files(str(folder))
     return epoch
 
 
@@ -100,8 +103,7 @@ def verify(folder: str | Path) -> bool:
 
 def load_state(folder: str | Path) -> dict[str, Any]:
     """The state of a verified checkpoint; CheckpointCorrupt for any other folder."""
-    folder = Path(folder)
-    _, contents = _verified_files(folder)
+    _, contents = _verified_files(str(folder))
     if CHECKPOINT_FILE not in contents:
         raise CheckpointCorrupt(folder, f"its manifest does not list {CHECKPOINT_FILE}")
     # The bytes loaded are the bytes hashed: a file that changes after the check is not read.
@@ -121,32 +123,27 @@ def restore(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def latest_valid_checkpoint(
     run_folder: str | Path, say: Callable[[str], None] | None = print
-) -> Path | None:
-    """The whole checkpoint of the highest epoch in a Ray Train run folder, if any.
-
-    Ray's own pick (its snapshot's latest) is not enough: the snapshot does not know a copy
-    that was cut short after it, nor a file damaged since.
-    """
+) -> str | None:
+    """The location of the whole checkpoint of the highest epoch in a run folder, if any."""
     say = say or (lambda _: None)
-    whole: list[tuple[int, str, Path]] = []
+    whole: list[tuple[int, str, str]] = []
     for folder in checkpoint_folders(run_folder):
+        name = locations.name_of(folder)
         try:
-            whole.append((check(folder), folder.name, folder))
+            whole.append((check(folder), name, folder))
         except CheckpointCorrupt as exc:
-            say(f"resume: skipped {folder.name}: {exc.reason}")
+            say(f"resume: skipped {name}: {exc.reason}")
     if not whole:
         return None
-    epoch, name, folder = max(whole)  # ties: the later of Ray's timestamped names
+    epoch, name, folder = max(whole)  # ties: the later name (token and time follow the epoch)
     say(f"resume: from {name} (epoch {epoch})")
     return folder
 
 
-def checkpoint_folders(run_folder: str | Path) -> list[Path]:
-    run_folder = Path(run_folder)
-    if not run_folder.is_dir():
-        return []
-    # is_dir: the glob also matches Ray's checkpoint_manager_snapshot.json
-    return sorted(p for p in run_folder.glob(CHECKPOINT_GLOB) if p.is_dir())
+def checkpoint_folders(run_folder: str | Path) -> list[str]:
+    """The locations of the run's checkpoint_* folders, by name."""
+    return [locations.join(run_folder, e.name) for e in locations.entries(run_folder)
+            if e.is_dir and fnmatch.fnmatchcase(e.name, CHECKPOINT_GLOB)]  # fmt: skip
 
 
 def prune_run(
@@ -154,46 +151,56 @@ def prune_run(
     keep: Iterable[str | Path],
     num_to_keep: int,
     say: Callable[[str], None] | None = print,
-) -> list[Path]:
-    """Delete the partial checkpoints of a finished run and the oldest beyond num_to_keep + 1.
+) -> list[str]:
+    """Delete the partial checkpoints of a run and the oldest beyond num_to_keep + 1.
 
-    `keep` (the run's final checkpoint and the ones Ray's snapshot still lists) is never
-    deleted, whole or not: Ray refuses to resume a run whose snapshot names a missing folder.
-    Returns the folders deleted.
+    `keep` (the checkpoint just written, or a new owner's) is never deleted, whole or not.
+    Returns the locations deleted.
     """
     say = say or (lambda _: None)
-    kept = {Path(p).resolve() for p in keep}
+    kept = {_key(p) for p in keep}
     folders = checkpoint_folders(run_folder)
-    whole: list[tuple[int, str, Path]] = []
-    deleted: list[Path] = []
+    whole: list[tuple[int, str, str]] = []
+    deleted: list[str] = []
     for folder in folders:
-        if folder.resolve() in kept:
+        if _key(folder) in kept:
             continue
         try:
-            whole.append((check(folder), folder.name, folder))
+            whole.append((check(folder), locations.name_of(folder), folder))
         except CheckpointCorrupt as exc:
-            say(f"cleanup: deleted {folder.name}: {exc.reason}")
+            say(f"cleanup: deleted {locations.name_of(folder)}: {exc.reason}")
             deleted.append(remove_checkpoint(folder))
-    room = max(0, num_to_keep + 1 - sum(1 for f in folders if f.resolve() in kept))
-    for _, _, folder in sorted(whole, reverse=True)[room:]:  # newest first, by epoch
-        say(f"cleanup: deleted {folder.name}: more than {num_to_keep} + 1 checkpoints")
+    room = max(0, num_to_keep + 1 - sum(1 for f in folders if _key(f) in kept))
+    for _, name, folder in sorted(whole, reverse=True)[room:]:  # newest first, by epoch
+        say(f"cleanup: deleted {name}: more than {num_to_keep} + 1 checkpoints")
         deleted.append(remove_checkpoint(folder))
     return deleted
 
 
-def remove_checkpoint(folder: Path) -> Path:
+def _key(location: str | Path) -> str:
+    """One spelling per folder: local paths resolved, URLs as they are."""
+    if locations.is_remote(location):
+        return str(location).rstrip("/")
+    return str(Path(location).resolve())
+
+
+def remove_checkpoint(folder: str | Path) -> str:
     # The manifest goes first: a deletion cut short leaves a folder that no longer verifies,
     # never one that looks whole and is not.
-    (folder / MANIFEST_FILE).unlink(missing_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    return folder
+    if locations.is_remote(folder):
+        locations.remove_tree(locations.join(folder, MANIFEST_FILE))
+        locations.remove_tree(folder)
+    else:
+        Path(folder, MANIFEST_FILE).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    return str(folder)
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
+def _read_manifest(folder: str) -> dict[str, Any]:
     """The manifest, its shape checked; CheckpointCorrupt if missing or malformed."""
     try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    except FileNotFoundError:
+        manifest = json.loads(locations.read_bytes(locations.join(folder, MANIFEST_FILE)))
+    except (FileNotFoundError, NotADirectoryError):
         raise CheckpointCorrupt(
             folder, f"no {MANIFEST_FILE} (it is written last: an unfinished save)"
         ) from None
@@ -223,13 +230,13 @@ def _is_entry(name: str, entry: Any) -> bool:
     )
 
 
-def _verified_files(folder: Path) -> tuple[int, dict[str, bytes]]:
+def _verified_files(folder: str) -> tuple[int, dict[str, bytes]]:
     """The manifest's epoch and the content of every file it lists, each one checked."""
     manifest = _read_manifest(folder)
     contents = {}
     for name, entry in manifest["files"].items():
         try:
-            data = (folder / name).read_bytes()
+            data = locations.read_bytes(locations.join(folder, name))
         except OSError as exc:
             raise CheckpointCorrupt(folder, f"{name}: {exc.strerror or exc}") from None
         if len(data) != entry["size"]:

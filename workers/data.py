@@ -4,6 +4,9 @@ No Ray imports. Uploads are read from `datasets/<id>.npz` under the storage root
 and written by the API (float32 x, int64 y), without pickle.
 """
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import numpy as np
 from sklearn import datasets as sk_datasets
 from sklearn.model_selection import train_test_split
 
+from shared import locations
 from shared.specs import DataSpec
 
 
@@ -44,21 +48,24 @@ class Split:
         return int(self.x_train.shape[1])
 
 
-def load_raw(data: DataSpec, datasets: Path | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def load_raw(
+    data: DataSpec, datasets: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The whole dataset as (x, y), one flat row per sample; y is None for unlabeled data.
 
-    `datasets` is the folder of uploads (Storage.datasets_root); only uploads need it.
+    `datasets` is the location of uploads (Storage.datasets_location, a path or an s3://
+    URL); only uploads need it.
     """
     if data.upload is not None:
         if datasets is None:
             raise ValueError(f"dataset {data.dataset} is an upload; no datasets folder given")
-        path = datasets / f"{data.dataset}.npz"
-        if not path.is_file() or _magic(path) != b"PK\x03\x04":
-            raise ValueError(f"uploaded dataset {data.dataset}: its stored file is missing or "
-                             f"damaged ({path})")  # fmt: skip
-        with np.load(path, allow_pickle=False) as stored:
-            x = stored["x"].reshape(len(stored["x"]), -1).astype(np.float32, copy=False)
-            y = stored["y"].astype(np.int64) if "y" in stored.files else None
+        with _local_file(locations.join(datasets, f"{data.dataset}.npz")) as path:
+            if path is None or _magic(path) != b"PK\x03\x04":
+                raise ValueError(f"uploaded dataset {data.dataset}: its stored file is missing "
+                                 f"or damaged (in {datasets})")  # fmt: skip
+            with np.load(path, allow_pickle=False) as stored:
+                x = stored["x"].reshape(len(stored["x"]), -1).astype(np.float32, copy=False)
+                y = stored["y"].astype(np.int64) if "y" in stored.files else None
         return x, y
     if data.dataset == "digits":
         bunch = sk_datasets.load_digits()
@@ -76,6 +83,22 @@ def load_raw(data: DataSpec, datasets: Path | None = None) -> tuple[np.ndarray, 
         x, _ = sk_datasets.make_s_curve(n_samples=data.n_samples, random_state=data.seed)
         return x.astype(np.float32), None
     raise ValueError(f"unknown dataset {data.dataset!r}")
+
+
+@contextmanager
+def _local_file(location: str) -> Iterator[Path | None]:
+    """The file as a local path (None if absent); from object storage, a copy that goes
+    once read: nothing accumulates on the node."""
+    if not locations.is_remote(location):
+        path = Path(location)
+        yield path if path.is_file() else None
+        return
+    with tempfile.TemporaryDirectory(dir=locations.scratch_folder("datasets")) as tmp:
+        try:
+            copy: Path | None = locations.download(location, Path(tmp) / "upload.npz")
+        except FileNotFoundError:
+            copy = None
+        yield copy
 
 
 def _magic(path: Path) -> bytes:
@@ -100,7 +123,7 @@ def fit_normalization(x: np.ndarray, method: str, per_feature: bool = True) -> N
 
 
 def build_datasets(
-    data: DataSpec, test_fraction: float = 0.0, datasets: Path | None = None
+    data: DataSpec, test_fraction: float = 0.0, datasets: str | Path | None = None
 ) -> Split:
     """Seeded (test,) train and validation splits, normalized with training statistics only.
 

@@ -266,7 +266,6 @@ class Dispatcher:
             "start_seconds": sum(s["start"] for s in seconds.values()),
             "fit_seconds": sum(s["fit"] for s in seconds.values()),
         }
-        folder = self.storage.root / relative
         # The artifacts go to this runner's own attempt folder, so a runner that lost its
         # lease never overwrites the new owner's; still, one that froze past its lease (a
         # SIGSTOP, a VM pause) writes nothing on waking. Its lease may lapse while it writes;
@@ -281,7 +280,11 @@ class Dispatcher:
         # taken over before then never uses.
         from workers.results import finalize
 
-        result = finalize(job, checkpoints, history, folder, timings, self.storage.datasets_root)
+        # On object storage the files are made locally, then stored; the record names the
+        # folder only after that, so it never names a folder with files missing.
+        with self.storage.writable_folder(relative) as folder:
+            result = finalize(job, checkpoints, history, folder, timings,
+                              self.storage.datasets_location)  # fmt: skip
         return {**result, "folder": relative}
 
     def _finish(

@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict
 
+from shared import locations
 from workers.processes import die_with_parent, die_with_parent_from_env, parent_death_env
 
 log = logging.getLogger("aetrain.groups")
@@ -47,6 +48,9 @@ class LaunchRequest(BaseModel):
 
     config: str  # the group's GroupConfig (JSON file)
     log: str  # the driver's stdout and stderr
+    # The dispatcher's object storage settings (AWS_*) as they are now, not as they were
+    # when the launcher started: the driver hands them on to its ranks (warm_group.run).
+    env: dict[str, str] = {}
 
 
 # -- the launcher process -----------------------------------------------------------------------
@@ -168,6 +172,7 @@ def _be_driver(request: LaunchRequest, in_place: bool, launcher: int,
         os.dup2(log_fd, 2)
         os.close(log_fd)
         os.close(null)
+        os.environ.update(request.env)
         if not in_place:  # the parent-death signal survives the exec
             os.execv(sys.executable, [sys.executable, "-m", "workers.warm_group", request.config])
         from workers import warm_group
@@ -263,7 +268,8 @@ class GroupLauncher:
                 process.kill()
                 raise RuntimeError(f"the group launcher did not start in {START_TIMEOUT_S:.0f} s")
             assert process.stdin is not None
-            request = LaunchRequest(config=str(config), log=str(log))
+            request = LaunchRequest(config=str(config), log=str(log),
+                                    env=locations.aws_environment())  # fmt: skip
             try:
                 process.stdin.write(request.model_dump_json().encode() + b"\n")
                 process.stdin.flush()

@@ -17,7 +17,6 @@ import time
 import traceback
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 
 import ray
@@ -31,6 +30,7 @@ from shared.group_channel import GroupChannel, GroupConfig, StageOutcome, StageT
 from shared.logs import configure_own_logging, log_context
 from shared.redis_keys import Keys
 from shared.store import JobStore, connect
+from workers.stage_log import stage_log
 from workers.train_loop import train_stage
 
 T = TypeVar("T")
@@ -142,14 +142,7 @@ def run_task(
     prepare = ray.train.torch.prepare_model  # [ray] to the device; DDP when world > 1
     if rank != 0:
         return train_stage(task, rank, world_size, device, prepare, None, None, lambda _: None)
-    log_path = Path(task.log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a") as log:
-
-        def say(line: str) -> None:
-            log.write(f"{time.strftime('%H:%M:%S')} {line}\n")
-            log.flush()
-
+    with stage_log(task.log_path) as say:
         say(f"stage {task.stage} of job {task.job_id} (token {task.token}): start {attempt} of "
             f"at most {task.max_failures + 1}, on {world_size} rank(s) of group "
             f"{channel.group_id}; rank nodes {' '.join(n[:12] for n in nodes)}")  # fmt: skip

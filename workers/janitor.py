@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from shared.jobs import JobState, is_terminal
+from shared.locations import Entry
 from shared.quotas import Quotas
-from shared.storage import Storage
+from shared.storage import LocalStorage, Storage
 from shared.store import JobStore
 
 log = logging.getLogger("aetrain.janitor")
@@ -65,9 +66,8 @@ def sweep(
     done = Sweep()
     _sweep_parts(storage, now - part_age_s, done)
     tenants = store.tenants()
-    if storage.jobs_root.is_dir():
-        _sweep_jobs(store, storage, now - grace_s, bool(tenants), done)
-    if storage.runs_root.is_dir() and tenants:
+    _sweep_jobs(store, storage, now - grace_s, bool(tenants), done)
+    if tenants:
         _sweep_runs(store, storage, now - grace_s, done)
     quotas = Quotas(store.redis, store.keys)
     for tenant in tenants:
@@ -90,46 +90,53 @@ def sweep_logged(store: JobStore, storage: Storage) -> Sweep | None:
 
 
 def _sweep_parts(storage: Storage, cutoff: float, done: Sweep) -> None:
-    if not storage.root.is_dir():
+    # Object storage has no .part files: a PUT lands whole or not at all.
+    if not isinstance(storage, LocalStorage) or not storage.root.is_dir():
         return
     for parent, _, files in os.walk(storage.root):  # links to folders are not entered
         for name in files:
             if name.endswith(".part"):
                 path = Path(parent) / name
-                if _older(path, cutoff) and _remove(storage, path, done):
-                    done.part_files += 1
+                if _older(path, cutoff):
+                    relative = path.relative_to(storage.root).as_posix()
+                    if _remove(storage, relative, done):
+                        done.part_files += 1
 
 
 def _sweep_jobs(
     store: JobStore, storage: Storage, cutoff: float, trust_absence: bool, done: Sweep
 ) -> None:
-    folders = [p for p in storage.jobs_root.iterdir() if _JOB_ID.match(p.name) and p.is_dir()]
+    folders = [e for e in storage.entries("jobs") if _JOB_ID.match(e.name) and e.is_dir]
     for batch in _batches(folders):
-        records = _records(store, [p.name for p in batch])
+        records = _records(store, [e.name for e in batch])
         for folder, record in zip(batch, records, strict=True):
+            job_folder = f"jobs/{folder.name}"
             if record is None:
-                if trust_absence and _older(folder, cutoff) and _remove(storage, folder, done):
+                old = _age(folder, folder.name) < cutoff
+                if trust_absence and old and _remove(storage, job_folder, done):
                     done.job_folders += 1
             elif is_terminal(JobState(record["state"])):
                 named = (record.get("result") or {}).get("folder")
-                for attempt in folder.glob("attempt-*"):
-                    stale = f"jobs/{folder.name}/{attempt.name}" != named
-                    if stale and _remove(storage, attempt, done):
+                for attempt in storage.entries(job_folder):
+                    if not attempt.name.startswith("attempt-"):
+                        continue
+                    stale = f"{job_folder}/{attempt.name}" != named
+                    if stale and _remove(storage, f"{job_folder}/{attempt.name}", done):
                         done.stale_attempts += 1
 
 
 def _sweep_runs(store: JobStore, storage: Storage, cutoff: float, done: Sweep) -> None:
-    by_job: dict[str, list[Path]] = {}
-    for path in storage.runs_root.iterdir():
-        job_id = path.name.split("-", 1)[0]
-        if "-" in path.name and _JOB_ID.match(job_id):
-            by_job.setdefault(job_id, []).append(path)
+    by_job: dict[str, list[Entry]] = {}
+    for entry in storage.entries("runs"):
+        job_id = entry.name.split("-", 1)[0]
+        if "-" in entry.name and _JOB_ID.match(job_id):
+            by_job.setdefault(job_id, []).append(entry)
     for batch in _batches(sorted(by_job)):
         for job_id, record in zip(batch, _records(store, batch), strict=True):
             if record is not None:
                 continue
-            for path in by_job[job_id]:
-                if _older(path, cutoff) and _remove(storage, path, done):
+            for entry in by_job[job_id]:
+                if _age(entry, job_id) < cutoff and _remove(storage, f"runs/{entry.name}", done):
                     done.run_folders += 1
 
 
@@ -150,12 +157,12 @@ def _prune_ledger(store: JobStore, quotas: Quotas, tenant: str, cutoff: float) -
     return quotas.release(tenant, *(_JOB_ITEM + job_id for job_id in drop))
 
 
-def _remove(storage: Storage, path: Path, done: Sweep) -> bool:
+def _remove(storage: Storage, relative: str, done: Sweep) -> bool:
     """Remove one leftover; a failure is logged and the sweep goes on with the next."""
     try:
-        done.bytes_freed += storage.remove(path)
+        done.bytes_freed += storage.remove_at(relative)
     except (OSError, ValueError) as exc:  # ValueError: a link that leads out of the root
-        log.warning("janitor: could not remove %s: %s", path, exc)
+        log.warning("janitor: could not remove %s: %s", relative, exc)
         return False
     return True
 
@@ -170,6 +177,12 @@ def _records(store: JobStore, job_ids: list[str]) -> list[dict[str, Any] | None]
 
 def _batches(items: list[Any]) -> list[list[Any]]:
     return [items[i : i + _BATCH] for i in range(0, len(items), _BATCH)]
+
+
+def _age(entry: Entry, job_id: str) -> float:
+    """When a job's folder was last changed; on object storage, whose folders have no time,
+    when its job was made (its id says): a folder is never younger than its job."""
+    return entry.mtime or _id_time(job_id)
 
 
 def _older(path: Path, cutoff: float) -> bool:

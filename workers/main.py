@@ -10,7 +10,7 @@ import ray
 
 from shared.logs import configure_logging, is_json
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import open_storage
 from shared.store import JobStore, connect, warn_if_redis_evicts
 from workers.dispatcher import Dispatcher
 from workers.metrics import DispatcherMetrics
@@ -52,8 +52,7 @@ def run_worker(settings: Settings | None = None) -> None:
     warn_if_redis_evicts(store, logging.getLogger("aetrain.worker"))
     if indexed := store.index_states():
         logging.getLogger("aetrain.worker").info("indexed %d stored jobs by state", indexed)
-    storage = Storage(settings.storage_root)
-    storage.root.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(settings.storage_root)
     ray_address = connect_ray(settings.ray_address)
     port = settings.dispatcher_metrics_port
     # Only an exported dispatcher reads the epochs of its jobs from Redis for its metrics.

@@ -22,11 +22,11 @@ def finalize(
     history: list[dict[str, Any]],
     folder: Path,
     timings: dict[str, float],
-    datasets: Path,
+    datasets: str | Path,
 ) -> dict[str, Any]:
     """Evaluate the finished job and write its artifacts; returns metrics and names.
 
-    `datasets` is the folder of uploaded datasets (Storage.datasets_root).
+    `datasets` is the folder of uploaded datasets (Storage.datasets_location).
     """
     spec = job.spec
     split = job_split(spec, datasets)

@@ -1,6 +1,5 @@
 """Runs one stage on a warm worker group and watches lease, cancel, progress and the group."""
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,6 +8,7 @@ from typing import Any
 
 import redis
 
+from shared import locations
 from shared.claims import Claim
 from shared.errors import LeaseLost, TrainingFailed
 from shared.group_channel import StageOutcome
@@ -206,13 +206,12 @@ def last_lines(text: str, lines: int = ERROR_TAIL_LINES, max_bytes: int = ERROR_
 
 
 def file_tail(path: str | None, limit: int = 2 * ERROR_TAIL_BYTES) -> str:
-    """The end of a log file, at most `limit` bytes; "" when there is none."""
+    """The end of a log (a path or an s3:// location), at most `limit` bytes; "" when there
+    is none."""
     if not path:
         return ""
     try:
-        with open(path, "rb") as file:
-            file.seek(max(0, os.fstat(file.fileno()).st_size - limit))
-            return file.read(limit).decode(errors="replace")
+        return locations.read_range(path, -limit, limit)[0].decode(errors="replace")
     except OSError:
         return ""
 

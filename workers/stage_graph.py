@@ -235,17 +235,18 @@ class StageGraph:
         if free < wiring.min_free_disk_bytes:  # fail now, clearly, not on a half-written checkpoint
             raise StageFailed(stage.name, f"not started: the storage has {free:,} bytes free, "
                               f"below AETRAIN_MIN_FREE_DISK_BYTES ({wiring.min_free_disk_bytes:,})")
-        logs = wiring.storage.root / "jobs" / job.id / "logs"
+        storage = wiring.storage
+        log_name = f"{storage.logs_folder(job.id)}/{stage.name}-attempt-{self.claim.token}.log"
         task = {
             "job_id": job.id,
             "token": self.claim.token,
             "stage": stage.name,
             "spec": job.spec.model_dump(mode="json"),
             "inputs": inputs,
-            "run_folder": str(wiring.storage.runs_root / wiring.storage.run_name(job.id,
-                                                                                 stage.name)),
-            "datasets_root": str(wiring.storage.datasets_root),
-            "log_path": str(logs / f"{stage.name}-attempt-{self.claim.token}.log"),
+            # Locations, not paths: a rank on another node reaches the same files.
+            "run_folder": storage.run_location(job.id, stage.name),
+            "datasets_root": storage.datasets_location,
+            "log_path": storage.location(log_name),
             "metrics_cap": metrics_cap(job),
             "max_failures": stage.resources.max_failures,
         }

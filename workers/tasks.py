@@ -119,13 +119,13 @@ def lr_field(spec: AnyJobSpec, stage: StagePlan) -> str:
     return f"{prefix}finetune.lr" if stage.kind == "finetune" else f"{prefix}training.lr"
 
 
-def job_split(spec: AnyJobSpec, datasets: Path | None) -> Split:
+def job_split(spec: AnyJobSpec, datasets: str | Path | None) -> Split:
     test_fraction = spec.test_fraction if isinstance(spec, SemisupervisedSpec) else 0.0
     return build_datasets(spec.data, test_fraction, datasets)
 
 
 def build_task(
-    spec: AnyJobSpec, stage: StagePlan, inputs: dict[str, str], datasets: Path | None
+    spec: AnyJobSpec, stage: StagePlan, inputs: dict[str, str], datasets: str | Path | None
 ) -> Task:
     """The task of `stage`; `inputs` maps finished stages to their checkpoints.
 

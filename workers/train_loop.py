@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from shared import locations
 from shared.group_channel import GroupChannel, StageOutcome, StageTask
 from shared.metrics import json_safe
 from shared.specs import parse_job_spec
@@ -121,7 +122,7 @@ def train_stage(
     stage = find_stage(spec, task.stage)
 
     seed_everything(init_seed(spec))  # the same initial weights on every rank
-    built = build_task(spec, stage, task.inputs, Path(task.datasets_root))
+    built = build_task(spec, stage, task.inputs, task.datasets_root)
     training = built.training
     seed_everything(training.seed + rank)  # per-rank stream for noise and projections
 
@@ -135,7 +136,7 @@ def train_stage(
 
     model = prepare(built.model)
     optimizer = make_optimizer(model, training.optimizer, training.lr, training.weight_decay)
-    run_folder = Path(task.run_folder)
+    run_folder = task.run_folder
     folder = latest_valid_checkpoint(run_folder, say if rank == 0 else None)
     start_epoch = restore(folder, model, optimizer) if folder is not None else 0
     if folder is None and rank == 0:
@@ -145,7 +146,7 @@ def train_stage(
     watch = StopWatch(channel, store, task, world_size, device)
     spec_json = spec.model_dump_json()
     keep = checkpoints_to_keep(spec)
-    checkpoint = str(folder) if folder is not None else None
+    checkpoint = folder
 
     def ended(**fields: Any) -> StageOutcome:
         return StageOutcome(seq=task.seq, start_seconds=training_at - task.submitted_at,
@@ -198,7 +199,7 @@ def train_stage(
                 if saved is None:
                     watch.lease_lost()
                 else:
-                    checkpoint = str(saved)
+                    checkpoint = saved
         if watch.should_stop():  # the last checkpoint was refused: the lease is gone
             return ended(**{watch.reason or "stopped": True})
     finally:
@@ -226,32 +227,44 @@ def publish(store: JobStore, task: StageTask, epoch: int, metrics: dict[str, flo
 def write_checkpoint(
     task: StageTask,
     store: JobStore | None,
-    run_folder: Path,
+    run_folder: str,
     model: nn.Module,
     optimizer: Any,
     epoch: int,
     spec_json: str,
     keep: int,
     say: Say,
-) -> Path | None:
+) -> str | None:
     """Save the epoch's checkpoint into the run folder, whole or not at all; None if the lease
     is no longer this run's (the run folder is the job's: a new owner may be writing it).
 
-    The window between the lease check and the rename (a few milliseconds) is left open: a
-    takeover needs the lease to have expired first, and the new owner's run starts seconds
-    later.
+    On a disk the checkpoint is written into a hidden folder and renamed into place once the
+    lease is checked; on object storage, which has no rename, it is written under a name no
+    other run uses (epoch, token, time), and its manifest, written last, makes it whole. The
+    window between the lease check and the rename or the manifest (milliseconds) is left
+    open: a takeover needs the lease to have expired first, and the new owner's run starts
+    seconds later.
     """
-    run_folder.mkdir(parents=True, exist_ok=True)
-    final = run_folder / f"checkpoint_{epoch:06d}"
-    with tempfile.TemporaryDirectory(dir=run_folder, prefix=".partial-") as tmp:
-        save_checkpoint(tmp, model, optimizer, epoch, spec_json)  # manifest last
+    if locations.is_remote(run_folder):
         if not lease_is(store, task):
             say(f"checkpoint of epoch {epoch} not written: lease {task.token} is gone")
             return None
-        if final.exists():  # a run resumed from before this epoch wrote it already
-            final = run_folder / f"checkpoint_{epoch:06d}-{task.token}-{time.time_ns()}"
-        Path(tmp).rename(final)
-        Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
+        final = locations.join(run_folder, f"checkpoint_{epoch:06d}-{task.token}-{time.time_ns()}")
+        save_checkpoint(final, model, optimizer, epoch, spec_json)  # manifest last
+    else:
+        folder = Path(run_folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        local = folder / f"checkpoint_{epoch:06d}"
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".partial-") as tmp:
+            save_checkpoint(tmp, model, optimizer, epoch, spec_json)  # manifest last
+            if not lease_is(store, task):
+                say(f"checkpoint of epoch {epoch} not written: lease {task.token} is gone")
+                return None
+            if local.exists():  # a run resumed from before this epoch wrote it already
+                local = folder / f"checkpoint_{epoch:06d}-{task.token}-{time.time_ns()}"
+            Path(tmp).rename(local)
+            Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
+        final = str(local)
     prune_run(run_folder, [final], keep - 1, say)  # the `keep` newest, this one among them
     return final
 

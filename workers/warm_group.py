@@ -23,6 +23,7 @@ import redis
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig
 
+from shared import locations
 from shared.group_channel import GroupChannel, GroupConfig
 from shared.redis_keys import Keys
 from shared.store import connect
@@ -79,7 +80,10 @@ def end_when_orphaned(config: GroupConfig) -> None:
 
 def run(config: GroupConfig) -> None:
     shape = config.shape
-    ray.init(address=config.ray_address, runtime_env={"env_vars": RAY_ENV})
+    # The ranks reach object storage (AETRAIN_STORAGE=s3://...) with the dispatcher's AWS
+    # settings: a node of the cluster may have none of its own.
+    env = {**RAY_ENV, **locations.aws_environment()}
+    ray.init(address=config.ray_address, runtime_env={"env_vars": env})
     trainer = StageTrainer(
         group_loop_entry,
         train_loop_config=config.model_dump(mode="json"),

@@ -145,8 +145,8 @@ def _store_upload(
 def _parse_and_store(
     storage: Storage, received: ReceivedFile, stored_id: str, max_bytes: int
 ) -> DatasetFacts:
-    facts = store_upload(received, storage.dataset_file(stored_id), max_bytes)
-    storage.save_facts(facts)  # after the .npz: the facts vouch for a whole file
+    facts = store_upload(received, storage.dataset_staging(stored_id), max_bytes)
+    storage.keep_dataset(facts)  # the .npz, then the facts: they vouch for a whole file
     return facts
 
 

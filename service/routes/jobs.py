@@ -1,16 +1,18 @@
 """/v1/jobs: submit, list, read, cancel, delete; results, artifacts and the encoder."""
 
 import logging
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.deps import CallerDep, JobReadsDep, StorageDep, StoreDep, TenantDep
 from service.responses import model_response
+from shared import locations
 from shared.errors import ArtifactNotFound, DatasetNotFound, InvalidTransition, ResultNotReady
 from shared.jobs import JobRecord, JobState
 from shared.quotas import job_item, quotas_of, submit_within_quota
@@ -170,13 +172,13 @@ def interpolate_codes(
     from workers.interpolation import InterpolationRefused, interpolate, interpolation_png
 
     job = store.get(job_id, tenant)
-    storage.artifact_path(job, "val_codes.npy")  # 404 unless the job has both files
-    folder = storage.artifact_path(job, "autoencoder.safetensors").parent
     try:
-        if format == "png":
-            png = interpolation_png(job.spec, folder, request.a, request.b, request.steps)
-            return Response(png, media_type="image/png")
-        codes, outputs = interpolate(job.spec, folder, request.a, request.b, request.steps)
+        # 404 unless the job has both files; on object storage, a local copy of the two
+        with storage.artifact_files(job, ["val_codes.npy", "autoencoder.safetensors"]) as folder:
+            if format == "png":
+                png = interpolation_png(job.spec, folder, request.a, request.b, request.steps)
+                return Response(png, media_type="image/png")
+            codes, outputs = interpolate(job.spec, folder, request.a, request.b, request.steps)
     except InterpolationRefused as exc:
         detail = [{"field": exc.field, "loc": ["body", exc.field], "msg": str(exc),
                    "type": "value_error"}]  # fmt: skip
@@ -196,8 +198,18 @@ _BINARY = "application/octet-stream"
 _FILE_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
 
 
-def _download(path: Path, filename: str) -> FileResponse:
-    return FileResponse(path, filename=filename, media_type=_MEDIA_TYPES.get(path.suffix, _BINARY))
+def _download(location: str, filename: str, job_id: str) -> Response:
+    """The file, streamed: from disk (FileResponse: ranges, sendfile), or from object storage a
+    chunk at a time, so a download never holds the whole file in the API's memory."""
+    media_type = _MEDIA_TYPES.get(PurePosixPath(filename).suffix, _BINARY)
+    if not locations.is_remote(location):
+        return FileResponse(location, filename=filename, media_type=media_type)
+    size = locations.size_of(location)
+    if size is None:  # deleted since it was found
+        raise ArtifactNotFound(job_id, filename)
+    headers = {"Content-Length": str(size),
+               "Content-Disposition": f'attachment; filename="{quote(filename)}"'}  # fmt: skip
+    return StreamingResponse(locations.chunks(location), media_type=media_type, headers=headers)
 
 
 @router.get(
@@ -217,11 +229,11 @@ def _download(path: Path, filename: str) -> FileResponse:
 )
 def get_artifact(
     job_id: str, name: str, store: StoreDep, storage: StorageDep, tenant: TenantDep
-) -> FileResponse:
+) -> Response:
     """One artifact, by a name from the job's artifact list (some have folders: the
     TensorBoard event files are `tensorboard/<stage>/events.out.tfevents.<stage>`)."""
-    path = storage.artifact_path(store.get(job_id, tenant), name)
-    return _download(path, path.name)
+    location = storage.artifact(store.get(job_id, tenant), name)
+    return _download(location, locations.name_of(location), job_id)
 
 
 class OnnxEncoderMissing(ArtifactNotFound):
@@ -249,15 +261,15 @@ def get_encoder(
     storage: StorageDep,
     tenant: TenantDep,
     format: Literal["torchscript", "safetensors", "onnx"] = "torchscript",
-) -> FileResponse:
+) -> Response:
     """The trained encoder: TorchScript (`torch.jit.load`), safetensors weights, or ONNX
     (input `x`: (batch, D) raw features, output `codes`)."""
     job = store.get(job_id, tenant)
     name = _ENCODER_FILES[format]
     try:
-        path = storage.artifact_path(job, name)
+        location = storage.artifact(job, name)
     except ArtifactNotFound:
         if format == "onnx" and job.result is not None and name not in job.result["artifacts"]:
             raise OnnxEncoderMissing(job.id, name) from None
         raise
-    return _download(path, f"{job_id}-{path.name}")
+    return _download(location, f"{job_id}-{name}", job_id)

@@ -16,12 +16,10 @@ stream ended.
 """
 
 import asyncio
-import os
 import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -33,6 +31,7 @@ from service.event_hub import EventHub, Watch
 from service.routes.events import _key_row
 from shared.errors import ArtifactNotFound, JobNotFound
 from shared.jobs import STAGE_TRANSITIONS, JobRecord, is_terminal
+from shared.locations import read_range
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore
@@ -79,7 +78,7 @@ class StageLog:
 
     stage: str
     attempt: int  # the fencing token of the run that wrote it
-    path: Path
+    location: str
 
 
 def latest_stage(job: JobRecord) -> str | None:
@@ -90,20 +89,14 @@ def latest_stage(job: JobRecord) -> str | None:
     return job.stages[0].name if job.stages else None
 
 
-def log_files(storage: Storage, job_id: str, stage: str) -> dict[int, Path]:
-    """The stage's log files by attempt; only regular files inside the storage root."""
-    folder = storage.job_folder(job_id) / "logs"
-    try:
-        if not folder.resolve().is_relative_to(storage.root):
-            return {}
-        entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
+def log_files(storage: Storage, job_id: str, stage: str) -> dict[int, str]:
+    """The locations of the stage's log files by attempt; only regular files in the store."""
+    folder = storage.logs_folder(job_id)
     files = {}
-    for entry in entries:
+    for entry in storage.entries(folder):
         match = _LOG_FILE.match(entry.name)
-        if match and match["stage"] == stage and entry.is_file(follow_symlinks=False):
-            files[int(match["token"])] = Path(entry.path)
+        if match and match["stage"] == stage and entry.is_file:
+            files[int(match["token"])] = storage.location(f"{folder}/{entry.name}")
     return files
 
 
@@ -128,21 +121,10 @@ def find_log(storage: Storage, job: JobRecord, stage: str | None, attempt: int |
     return StageLog(name, attempt, files[attempt])
 
 
-def read_range(path: Path, offset: int, limit: int) -> tuple[bytes, int, int]:
-    """At most `limit` bytes from `offset` (negative: from the end); the bytes, where they
-    start, and the file's size then."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with open(fd, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        start = min(size, offset if offset >= 0 else max(0, size + offset))
-        file.seek(start)
-        return file.read(min(limit, size - start)), start, size
-
-
-def _read_more(path: Path, offset: int, limit: int) -> bytes | None:
+def _read_more(location: str, offset: int, limit: int) -> bytes | None:
     """What was written past `offset`, at most `limit` bytes; None once the file is gone."""
     try:
-        return read_range(path, offset, limit)[0]
+        return read_range(location, offset, limit)[0]
     except FileNotFoundError:  # the job was deleted
         return None
 
@@ -173,7 +155,9 @@ async def follow_log(
             return
         pause, next_check, ending = POLL_S, 0.0, False
         while budget > 0:
-            data = await run_in_threadpool(_read_more, log.path, offset, min(budget, READ_CHUNK))
+            data = await run_in_threadpool(
+                _read_more, log.location, offset, min(budget, READ_CHUNK)
+            )
             if data is None:
                 return
             if data:
@@ -235,7 +219,7 @@ async def read_logs(
     headers = {STAGE_HEADER: log.stage, ATTEMPT_HEADER: str(log.attempt),
                "Cache-Control": "no-store"}  # fmt: skip
     try:
-        data, start, size = await run_in_threadpool(read_range, log.path, offset,
+        data, start, size = await run_in_threadpool(read_range, log.location, offset,
                                                     0 if follow else budget)  # fmt: skip
     except FileNotFoundError:  # deleted since it was found
         raise LogNotFound(job.id, f"stage {log.stage!r} has no log any more") from None

@@ -20,7 +20,7 @@ from service.cli import app as cli_app
 from shared.jobs import JobRecord, JobState
 from shared.settings import Settings
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.helpers import (
     ARTIFACTS,
@@ -63,7 +63,7 @@ def npz_file(path: Path, rows: int = 30) -> Path:
 
 # -- --json -------------------------------------------------------------------------------------
 def test_every_read_command_prints_the_apis_answer_as_json_with_json(
-    served: str, store: JobStore, storage: Storage, tmp_path: Path
+    served: str, store: JobStore, storage: LocalStorage, tmp_path: Path
 ) -> None:
     done = succeeded_job(store, storage)
     queued, _ = store.submit(JobRecord.for_spec(parse_job_spec(digits_spec())))
@@ -110,7 +110,11 @@ def test_datasets_upload_prints_the_id_and_list_shows_it_with_the_builtins(
 
 
 def test_artifacts_lists_a_jobs_files_and_downloads_one(
-    served: str, store: JobStore, storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    served: str,
+    store: JobStore,
+    storage: LocalStorage,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     job = succeeded_job(store, storage)
     listed = aetrain(served, "artifacts", job.id)
@@ -155,7 +159,7 @@ def test_the_installed_command_completes_commands_and_options_in_bash() -> None:
 
 # -- logs ---------------------------------------------------------------------------------------
 def test_logs_prints_a_stages_log_and_a_missing_stage_fails_naming_it(
-    served: str, store: JobStore, storage: Storage
+    served: str, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     write_log(storage, claim.job.id, "train", claim.token, "[red]not markup[/red]\nepoch 0\n")
@@ -169,7 +173,7 @@ def test_logs_prints_a_stages_log_and_a_missing_stage_fails_naming_it(
 
 
 def test_logs_follow_waits_for_a_queued_job_and_prints_its_stage_to_the_end(
-    served: str, store: JobStore, storage: Storage
+    served: str, store: JobStore, storage: LocalStorage
 ) -> None:
     job, _ = store.submit(JobRecord.for_spec(parse_job_spec(digits_spec())))
 
@@ -195,7 +199,7 @@ def test_logs_follow_waits_for_a_queued_job_and_prints_its_stage_to_the_end(
 
 
 def test_status_of_a_failed_job_shows_the_end_of_its_log(
-    served: str, store: JobStore, storage: Storage
+    served: str, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     tail = "Traceback (most recent call last):\n  ...\nValueError: boom"

@@ -35,7 +35,7 @@ from service.app import create_app
 from shared.jobs import JobRecord, JobState, StageState
 from shared.settings import Settings
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.conftest import free_port
 from tests.service.helpers import (
@@ -255,7 +255,7 @@ def test_parse_events_follows_the_event_stream_format() -> None:
 
 # -- files -------------------------------------------------------------------------------------
 def test_download_streams_an_artifact_to_a_file_and_leaves_nothing_on_a_404(
-    api: Client, store: JobStore, storage: Storage, tmp_path: Path
+    api: Client, store: JobStore, storage: LocalStorage, tmp_path: Path
 ) -> None:
     job = succeeded_job(store, storage)
     out = tmp_path / "out"
@@ -271,7 +271,7 @@ def test_download_streams_an_artifact_to_a_file_and_leaves_nothing_on_a_404(
 
 
 def test_a_nested_artifact_downloads_into_its_folders_and_a_refused_one_leaves_none(
-    api: Client, store: JobStore, storage: Storage, tmp_path: Path,
+    api: Client, store: JobStore, storage: LocalStorage, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     nested = "tensorboard/train/events.out.tfevents.1.aetrain"
@@ -289,7 +289,7 @@ def test_a_nested_artifact_downloads_into_its_folders_and_a_refused_one_leaves_n
 
 
 def test_load_encoder_returns_the_jobs_torchscript_module_ready_to_use(
-    api: Client, store: JobStore, storage: Storage
+    api: Client, store: JobStore, storage: LocalStorage
 ) -> None:
     job = succeeded_job(store, storage)
     assert job.result is not None
@@ -346,7 +346,7 @@ def test_upload_raw_or_multipart_from_a_path_bytes_or_a_file(api: Client, tmp_pa
 
 # -- logs --------------------------------------------------------------------------------------
 def test_logs_reads_a_whole_log_page_by_page_and_splits_no_character(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     text = "".join(f"epoch {i} — loss ≈ {1 / (i + 1):.4f}\n" for i in range(200))  # multibyte
@@ -364,7 +364,7 @@ def test_logs_reads_a_whole_log_page_by_page_and_splits_no_character(
 
 
 def test_logs_follow_yields_lines_as_written_past_the_cap_and_across_a_takeover(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     first = "".join(f"first run, line {i}\n" for i in range(100))  # 2 KiB: past the cap
@@ -395,7 +395,7 @@ def test_logs_follow_yields_lines_as_written_past_the_cap_and_across_a_takeover(
 
 
 def test_logs_follow_of_a_finished_job_returns_its_log_at_once(
-    api: Client, store: JobStore, storage: Storage
+    api: Client, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     write_log(storage, claim.job.id, "train", claim.token, "Traceback ...\nValueError: x\n")
@@ -414,7 +414,7 @@ def served(settings: Settings, store: JobStore) -> Iterator[str]:
 
 
 def test_cli_submit_wait_follows_the_job_to_its_end_through_the_client(
-    served: str, store: JobStore, storage: Storage, tmp_path: Path
+    served: str, store: JobStore, storage: LocalStorage, tmp_path: Path
 ) -> None:
     from typer.testing import CliRunner
 

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from aetrain import Client, Job
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.specs import digits_spec
 
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
 
 
 def test_a_job_submitted_and_waited_for_gives_a_loaded_encoder_that_encodes(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
     ray_address: str, group_pool: "GroupPool",
 ) -> None:  # fmt: skip
     from workers.dispatcher import Dispatcher

@@ -12,10 +12,11 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from shared import locations
 from shared.claims import Claim
 from shared.jobs import JobRecord, JobState, StageState
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage, Storage
 from shared.store import JobStore
 from tests.conftest import free_port
 from tests.specs import digits_spec
@@ -30,19 +31,25 @@ def artifact_bytes(job_id: str, name: str) -> bytes:
 
 
 def succeeded_job(
-    store: JobStore, storage: Storage, tenant: str = "default", artifacts: list[str] = ARTIFACTS
+    store: JobStore,
+    storage: Storage,
+    tenant: str = "default",
+    artifacts: list[str] = ARTIFACTS,
+    contents: dict[str, bytes] | None = None,
 ) -> JobRecord:
-    """Submitted, claimed, finished with real files. Call it while nothing else is queued: it
-    claims the head of the queue."""
+    """Submitted, claimed, finished with real files (`contents`, else `artifact_bytes`), on a
+    local or an object storage. Call it while nothing else is queued: it claims the head of
+    the queue."""
     job, created = store.submit(JobRecord.for_spec(parse_job_spec(digits_spec()), tenant=tenant))
     assert created
     claim = store.claim("test-runner", lease_ttl_s=30.0, block_ms=50)
     assert claim is not None and claim.job.id == job.id
     folder = storage.attempt_folder(job.id, claim.token)
-    (storage.root / folder).mkdir(parents=True)
+    if isinstance(storage, LocalStorage):
+        (storage.root / folder).mkdir(parents=True)
     for name in artifacts:
-        (storage.root / folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (storage.root / folder / name).write_bytes(artifact_bytes(job.id, name))
+        data = (contents or {}).get(name) or artifact_bytes(job.id, name)
+        locations.write_bytes(storage.location(f"{folder}/{name}"), data)
     result = {"artifacts": artifacts, "folder": folder, "metrics": {"val_mse": 0.01}}
     return store.finish(claim, JobState.SUCCEEDED, result=result)
 
@@ -68,12 +75,14 @@ def end_stage(store: JobStore, claim: Claim, stage: str) -> None:
     store.update(claim.job.id, claim.token, lambda j: j.with_stage(stage, StageState.SUCCEEDED))
 
 
-def log_path(storage: Storage, job_id: str, stage: str, attempt: int) -> Path:
+def log_path(storage: LocalStorage, job_id: str, stage: str, attempt: int) -> Path:
     """Where the workers write a run's log (workers/stage_graph.py, workers/group_loop.py)."""
     return storage.root / "jobs" / job_id / "logs" / f"{stage}-attempt-{attempt}.log"
 
 
-def write_log(storage: Storage, job_id: str, stage: str, attempt: int, text: str | bytes) -> Path:
+def write_log(
+    storage: LocalStorage, job_id: str, stage: str, attempt: int, text: str | bytes
+) -> Path:
     path = log_path(storage, job_id, stage, attempt)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.encode() if isinstance(text, str) else text)

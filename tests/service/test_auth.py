@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from service.app import create_app
 from service.cli import app as cli_app
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.conftest import free_port
 from tests.service.helpers import artifact_bytes, serve, succeeded_job
@@ -179,7 +179,7 @@ def job_requests(job_id: str) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def test_another_tenants_job_is_a_404_exactly_like_an_unknown_one(
-    api: TestClient, store: JobStore, storage: Storage
+    api: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     done = succeeded_job(store, storage, tenant="alice")
     _, alice = store.api_keys.create("alice")

@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 from service.app import create_app
 from service.upload_form import FORM_OVERHEAD_BYTES
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.helpers import serve
 from tests.specs import digits_spec
@@ -65,7 +65,7 @@ def capped_client(settings: Settings, store: JobStore) -> Iterator[TestClient]:
 
 
 def test_an_npz_upload_is_checked_described_and_content_addressed(
-    client: TestClient, storage: Storage
+    client: TestClient, storage: LocalStorage
 ) -> None:
     x, y = digits_images()
     body = npz_bytes(x=x, y=y)
@@ -183,7 +183,7 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
 
 @pytest.mark.parametrize("case", sorted(hostile_files()))
 def test_a_hostile_upload_gets_a_4xx_and_leaves_nothing_behind(
-    client: TestClient, storage: Storage, case: str
+    client: TestClient, storage: LocalStorage, case: str
 ) -> None:
     body, word = hostile_files()[case]
     response = upload(client, body)
@@ -196,7 +196,7 @@ def test_a_hostile_upload_gets_a_4xx_and_leaves_nothing_behind(
 
 
 def test_a_body_past_the_cap_without_content_length_is_413_and_leaves_nothing(
-    capped_client: TestClient, storage: Storage
+    capped_client: TestClient, storage: LocalStorage
 ) -> None:
     sent = []
 
@@ -212,7 +212,7 @@ def test_a_body_past_the_cap_without_content_length_is_413_and_leaves_nothing(
 
 
 def test_a_declared_content_length_past_the_cap_is_413_before_reading(
-    capped_client: TestClient, storage: Storage
+    capped_client: TestClient, storage: LocalStorage
 ) -> None:
     response = upload(capped_client, b"\0" * (SMALL_CAP + 1))
     assert response.status_code == 413
@@ -228,7 +228,7 @@ def form_upload(client: TestClient, files: Any, data: Any = None, **params: str)
 
 
 def test_a_multipart_upload_is_the_same_dataset_as_its_raw_bytes(
-    client: TestClient, storage: Storage
+    client: TestClient, storage: LocalStorage
 ) -> None:
     x, y = digits_images()
     body = npz_bytes(x=x, y=y)
@@ -296,7 +296,7 @@ def hostile_forms() -> dict[str, tuple[bytes, str, str, str]]:
 
 @pytest.mark.parametrize("case", sorted(hostile_forms()))
 def test_a_hostile_form_gets_a_422_naming_the_problem_and_leaves_nothing(
-    client: TestClient, storage: Storage, case: str
+    client: TestClient, storage: LocalStorage, case: str
 ) -> None:
     body, content_type, field, words = hostile_forms()[case]
     response = client.post("/v1/datasets", content=body, headers={"Content-Type": content_type})
@@ -307,7 +307,9 @@ def test_a_hostile_form_gets_a_422_naming_the_problem_and_leaves_nothing(
     assert client.get("/v1/datasets").json()["items"] == []
 
 
-def test_a_name_given_twice_differently_is_refused(client: TestClient, storage: Storage) -> None:
+def test_a_name_given_twice_differently_is_refused(
+    client: TestClient, storage: LocalStorage
+) -> None:
     x, y = digits_images()
     files = {"file": ("d.npz", npz_bytes(x=x, y=y))}
     response = form_upload(client, files, {"name": "form"}, name="query")
@@ -317,7 +319,7 @@ def test_a_name_given_twice_differently_is_refused(client: TestClient, storage: 
 
 
 def test_a_form_file_past_the_cap_is_413_and_the_cap_is_the_files_not_the_forms(
-    capped_client: TestClient, storage: Storage
+    capped_client: TestClient, storage: LocalStorage
 ) -> None:
     past = form_upload(capped_client, {"file": ("d.npz", b"\0" * (SMALL_CAP + 1))})
     assert past.status_code == 413, past.text
@@ -367,7 +369,7 @@ def send_until_answered(url: str, head: bytes, total: int) -> tuple[bytes, int]:
 
 @pytest.mark.parametrize("shape", ["multipart", "raw"])
 def test_a_body_far_past_the_cap_is_answered_413_long_before_it_is_all_sent(
-    settings: Settings, store: JobStore, storage: Storage, shape: str
+    settings: Settings, store: JobStore, storage: LocalStorage, shape: str
 ) -> None:
     # The server reads what it needs (the cap, plus what a form may add), then answers and
     # drops the connection; the client has by then sent only what the socket buffers hold
@@ -498,7 +500,7 @@ def gib_of_int8_zeros(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 def test_a_small_npz_declaring_a_huge_array_is_refused_from_its_header_in_bounded_memory(
-    client: TestClient, storage: Storage, gib_of_int8_zeros: bytes
+    client: TestClient, storage: LocalStorage, gib_of_int8_zeros: bytes
 ) -> None:
     # Before the cap counted float32 and the cast streamed, this file took 6.4 GB and 21 s.
     assert len(gib_of_int8_zeros) < 1.2 * MiB
@@ -511,7 +513,7 @@ def test_a_small_npz_declaring_a_huge_array_is_refused_from_its_header_in_bounde
 
 
 def test_an_upload_at_the_cap_streams_in_less_than_one_float32_copy(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     cap = 64 * MiB
     rows, features = 1024, 16 * 1024  # int8: 16 MiB uploaded, 64 MiB as float32
@@ -551,7 +553,7 @@ def stats(path: Path) -> tuple[int, int]:
 
 
 def test_the_same_bytes_again_are_indexed_without_being_parsed(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     x, y = digits_images()
     body = npz_bytes(x=x, y=y)
@@ -586,7 +588,7 @@ def test_the_same_bytes_again_are_indexed_without_being_parsed(
 
 
 def test_a_dataset_without_its_facts_is_parsed_and_stored_again(
-    client: TestClient, storage: Storage
+    client: TestClient, storage: LocalStorage
 ) -> None:
     x, y = digits_images()
     body = npz_bytes(x=x, y=y)

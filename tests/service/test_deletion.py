@@ -14,7 +14,7 @@ from service.app import create_app
 from shared.jobs import JobRecord, JobState
 from shared.settings import Settings
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.helpers import succeeded_job
 from tests.specs import digits_spec
@@ -28,11 +28,11 @@ def keys_naming(store: JobStore, text: str) -> list[str]:
     return sorted(store.redis.scan_iter(match=f"*{text}*", count=1000))
 
 
-def files_under(storage: Storage, job_id: str) -> list[str]:
+def files_under(storage: LocalStorage, job_id: str) -> list[str]:
     return sorted(str(p.relative_to(storage.root)) for p in storage.root.rglob(f"*{job_id}*"))
 
 
-def with_run_and_logs(storage: Storage, job_id: str) -> None:
+def with_run_and_logs(storage: LocalStorage, job_id: str) -> None:
     """What a real run leaves beside the artifacts: checkpoints, a stage log and its config."""
     checkpoint = storage.runs_root / storage.run_name(job_id, "train") / "checkpoint_000000"
     checkpoint.mkdir(parents=True)
@@ -45,7 +45,7 @@ def with_run_and_logs(storage: Storage, job_id: str) -> None:
 
 # -- DELETE /v1/jobs/{id} -----------------------------------------------------------------------
 def test_deleting_a_finished_job_removes_its_redis_keys_and_every_file(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     job = succeeded_job(store, storage)
     with_run_and_logs(storage, job.id)
@@ -67,7 +67,7 @@ def test_deleting_a_finished_job_removes_its_redis_keys_and_every_file(
 
 
 def test_another_tenants_job_and_an_unknown_one_are_404_and_stay(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     theirs = succeeded_job(store, storage, tenant="someone-else")
     before = files_under(storage, theirs.id)
@@ -80,7 +80,7 @@ def test_another_tenants_job_and_an_unknown_one_are_404_and_stay(
 
 
 def test_a_queued_or_running_job_is_409_saying_cancel_first_and_nothing_changes(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     queued = client.post("/v1/jobs", json=digits_spec()).json()
     refused = client.delete(f"/v1/jobs/{queued['id']}")
@@ -105,7 +105,7 @@ def test_a_queued_or_running_job_is_409_saying_cancel_first_and_nothing_changes(
 
 
 def test_aetrain_delete_deletes_a_finished_job(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     from typer.testing import CliRunner
 
@@ -154,7 +154,7 @@ def submit_and_cancel(client: TestClient) -> str:
 
 
 def test_300_submit_then_cancel_calls_leave_redis_at_its_baseline(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     """Issue 9: 1,500 of these left 3.1 MB in Redis forever."""
     # Short, but longer than 100 submit+cancel calls take on a loaded 2-core machine; the
@@ -227,7 +227,7 @@ def upload(api: TestClient, key: str) -> dict[str, Any]:
 
 
 def test_a_dataset_in_use_by_a_queued_job_is_409_and_goes_once_the_job_is_cancelled(
-    api: TestClient, store: JobStore, storage: Storage
+    api: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     _, key = store.api_keys.create("alice")
     dataset = upload(api, key)["id"]
@@ -251,7 +251,7 @@ def test_a_dataset_in_use_by_a_queued_job_is_409_and_goes_once_the_job_is_cancel
 
 
 def test_a_dataset_file_stays_while_another_tenant_indexes_the_same_bytes(
-    api: TestClient, store: JobStore, storage: Storage
+    api: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     _, alice = store.api_keys.create("alice")
     _, bob = store.api_keys.create("bob")
@@ -270,7 +270,7 @@ def test_a_dataset_file_stays_while_another_tenant_indexes_the_same_bytes(
 
 
 def test_another_tenants_dataset_is_404_and_stays(
-    api: TestClient, store: JobStore, storage: Storage
+    api: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     _, alice = store.api_keys.create("alice")
     _, bob = store.api_keys.create("bob")

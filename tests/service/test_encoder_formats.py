@@ -14,7 +14,7 @@ from aetrain import Client
 from aetrain.errors import NotFound
 from shared.jobs import JobRecord, JobState
 from shared.specs import AutoencoderSpec, parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.helpers import succeeded_job
 from tests.specs import digits_spec
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def encoder_job(store: JobStore, storage: Storage) -> JobRecord:
+def encoder_job(store: JobStore, storage: LocalStorage) -> JobRecord:
     """A digits job finished with the encoder files the workers write (untrained weights)."""
     job, _ = store.submit(JobRecord.for_spec(parse_job_spec(digits_spec()), "default"))
     claim = store.claim("test-runner", lease_ttl_s=30.0, block_ms=50)
@@ -42,7 +42,7 @@ def encoder_job(store: JobStore, storage: Storage) -> JobRecord:
 
 
 def test_onnx_encoder_is_served_and_runs_in_onnxruntime(
-    client: TestClient, encoder_job: JobRecord, storage: Storage
+    client: TestClient, encoder_job: JobRecord, storage: LocalStorage
 ) -> None:
     response = client.get(f"/v1/jobs/{encoder_job.id}/encoder", params={"format": "onnx"})
     assert response.status_code == 200, response.text
@@ -59,7 +59,7 @@ def test_onnx_encoder_is_served_and_runs_in_onnxruntime(
 
 
 def test_torchscript_stays_the_default_format(
-    client: TestClient, encoder_job: JobRecord, storage: Storage
+    client: TestClient, encoder_job: JobRecord, storage: LocalStorage
 ) -> None:
     assert encoder_job.result is not None
     folder = storage.root / encoder_job.result["folder"]
@@ -78,7 +78,7 @@ def test_an_unknown_format_is_a_422_naming_format(
 
 
 def test_a_job_from_before_onnx_export_is_a_404_saying_so(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     old = succeeded_job(store, storage)  # encoder.pt and encoder.safetensors, no encoder.onnx
     response = client.get(f"/v1/jobs/{old.id}/encoder", params={"format": "onnx"})
@@ -89,7 +89,11 @@ def test_a_job_from_before_onnx_export_is_a_404_saying_so(
 
 
 def test_client_downloads_the_onnx_encoder(
-    client: TestClient, encoder_job: JobRecord, store: JobStore, storage: Storage, tmp_path: Path
+    client: TestClient,
+    encoder_job: JobRecord,
+    store: JobStore,
+    storage: LocalStorage,
+    tmp_path: Path,
 ) -> None:
     api = Client(http=client)
     written = api.download_encoder(encoder_job.id, tmp_path, format="onnx")

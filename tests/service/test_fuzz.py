@@ -26,7 +26,7 @@ from service.app import create_app
 from shared.jobs import JobRecord
 from shared.settings import Settings
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.helpers import ARTIFACTS, succeeded_job
 from tests.specs import digits_spec
@@ -55,7 +55,7 @@ def known_gap(case: schemathesis.Case[Any], response: Any) -> list[Any] | None:
 
 @pytest.mark.parametrize("label", operation_labels())
 def test_operation_never_fails_and_matches_its_schema(
-    label: str, settings: Settings, store: JobStore, storage: Storage
+    label: str, settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     done = succeeded_job(store, storage)
     queued, _ = store.submit(JobRecord.for_spec(parse_job_spec(digits_spec())))
@@ -103,7 +103,7 @@ def test_operation_never_fails_and_matches_its_schema(
     "last_event_id", ["99999999999999999999-0", "0-99999999999999999999", "1-" + "9" * 61]
 )
 def test_a_last_event_id_past_64_bits_is_422_not_a_broken_stream(
-    client: TestClient, store: JobStore, storage: Storage, last_event_id: str
+    client: TestClient, store: JobStore, storage: LocalStorage, last_event_id: str
 ) -> None:
     done = succeeded_job(store, storage)
     response = client.get(f"/v1/jobs/{done.id}/events", headers={"Last-Event-ID": last_event_id})
@@ -112,7 +112,7 @@ def test_a_last_event_id_past_64_bits_is_422_not_a_broken_stream(
 
 
 def test_the_largest_accepted_last_event_id_streams_to_the_end(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     done = succeeded_job(store, storage)
     headers = {"Last-Event-ID": "9999999999999999999-9999999999999999999"}
@@ -122,7 +122,7 @@ def test_the_largest_accepted_last_event_id_streams_to_the_end(
 
 
 def test_downloads_are_not_typed_by_guessing(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     """mimetypes calls a .pt file a SNES page table and anything unknown text/plain."""
     done = succeeded_job(store, storage)

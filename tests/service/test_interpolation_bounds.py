@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from shared.jobs import JobRecord, JobState
 from shared.specs import AutoencoderSpec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.test_datasets import npz_bytes, upload
 from workers.artifacts import ArtifactWriter
@@ -42,7 +42,7 @@ def wide_spec(dataset: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def wide_job(client: TestClient, store: JobStore, storage: Storage) -> JobRecord:
+def wide_job(client: TestClient, store: JobStore, storage: LocalStorage) -> JobRecord:
     """A job on a (50, 65536) upload, finished with the files the dispatcher writes, from an
     untrained model: what is drawn does not matter here, only how much."""
     x = np.random.default_rng(0).random((ROWS, FEATURES), dtype=np.float32)
@@ -65,7 +65,7 @@ def wide_job(client: TestClient, store: JobStore, storage: Storage) -> JobRecord
 
 
 def test_a_wide_jobs_pictures_and_interpolation_are_bounded(
-    client: TestClient, wide_job: JobRecord, storage: Storage
+    client: TestClient, wide_job: JobRecord, storage: LocalStorage
 ) -> None:
     assert wide_job.result is not None
     folder = storage.root / wide_job.result["folder"]

@@ -16,7 +16,7 @@ from service.app import create_app
 from shared.jobs import JobRecord, JobState
 from shared.settings import Settings
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.helpers import (
     append,
@@ -49,7 +49,7 @@ def capped(settings: Settings, store: JobStore) -> Iterator[TestClient]:
 
 # -- reading ----------------------------------------------------------------------------------
 def test_a_stages_log_is_served_as_plain_text_from_storage(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     write_log(storage, claim.job.id, "train", claim.token, "epoch 0 loss 1.0\nepoch 1 loss 0.5\n")
@@ -68,7 +68,7 @@ def test_a_stages_log_is_served_as_plain_text_from_storage(
 
 
 def test_the_default_stage_is_the_one_that_started_last(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store, STACKED)
     write_log(storage, claim.job.id, "layer1", claim.token, "layer one\n")
@@ -83,7 +83,7 @@ def test_the_default_stage_is_the_one_that_started_last(
 
 
 def test_the_newest_run_of_a_stage_is_served_and_an_older_one_by_its_attempt(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     job_id, first = claim.job.id, claim.token
@@ -105,7 +105,7 @@ def test_the_newest_run_of_a_stage_is_served_and_an_older_one_by_its_attempt(
 
 
 def test_a_missing_job_stage_or_log_is_a_404_that_names_it(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     queued, _ = store.submit(JobRecord.for_spec(parse_job_spec(digits_spec())))
@@ -126,7 +126,7 @@ def test_a_missing_job_stage_or_log_is_a_404_that_names_it(
 
 @pytest.mark.parametrize("stage", ["../../etc/passwd", "Train", "train/../x", "", "a" * 65, "9"])
 def test_a_malformed_stage_name_is_a_422_on_stage(
-    client: TestClient, store: JobStore, storage: Storage, stage: str
+    client: TestClient, store: JobStore, storage: LocalStorage, stage: str
 ) -> None:
     claim = running_job(store)
     write_log(storage, claim.job.id, "train", claim.token, "x\n")
@@ -136,7 +136,7 @@ def test_a_malformed_stage_name_is_a_422_on_stage(
 
 
 def test_a_log_that_is_a_symlink_is_never_served(
-    client: TestClient, store: JobStore, storage: Storage, tmp_path: Path
+    client: TestClient, store: JobStore, storage: LocalStorage, tmp_path: Path
 ) -> None:
     claim = running_job(store)
     secret = tmp_path / "secret.txt"
@@ -150,7 +150,7 @@ def test_a_log_that_is_a_symlink_is_never_served(
 
 # -- the byte cap -----------------------------------------------------------------------------
 def test_an_answer_carries_at_most_the_cap_and_says_where_the_next_page_starts(
-    capped: TestClient, store: JobStore, storage: Storage
+    capped: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     text = "".join(f"line {i:04d} {'x' * 40}\n" for i in range(100))  # 5,100 bytes
@@ -185,7 +185,7 @@ def test_an_answer_carries_at_most_the_cap_and_says_where_the_next_page_starts(
 
 
 def test_a_ten_gib_log_costs_one_page_to_read_or_to_follow(
-    capped: TestClient, store: JobStore, storage: Storage
+    capped: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     path = write_log(storage, claim.job.id, "train", claim.token, b"")
@@ -204,7 +204,7 @@ def test_a_ten_gib_log_costs_one_page_to_read_or_to_follow(
 
 # -- tenants ----------------------------------------------------------------------------------
 def test_another_tenants_log_is_a_404_exactly_like_an_unknown_job(
-    auth_settings: Settings, store: JobStore, storage: Storage
+    auth_settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     _, alice = store.api_keys.create("alice")
     _, bob = store.api_keys.create("bob")
@@ -244,7 +244,7 @@ def read_until(chunks: Iterator[bytes], wanted: bytes, timeout_s: float = 10.0) 
 
 
 def test_follow_streams_lines_as_they_are_written_until_the_stage_ends(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     path = write_log(storage, claim.job.id, "train", claim.token, "start\n")
@@ -269,7 +269,7 @@ def test_follow_streams_lines_as_they_are_written_until_the_stage_ends(
 
 
 def test_follow_ends_at_its_time_limit_while_the_stage_runs_on(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     write_log(storage, claim.job.id, "train", claim.token, "quiet\n")
@@ -283,7 +283,7 @@ def test_follow_ends_at_its_time_limit_while_the_stage_runs_on(
 
 
 def test_follow_of_a_finished_job_sends_the_log_and_ends(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     write_log(storage, claim.job.id, "train", claim.token, "boom\n")
@@ -294,7 +294,7 @@ def test_follow_of_a_finished_job_sends_the_log_and_ends(
 
 
 def test_follow_ends_when_a_newer_run_of_the_stage_begins(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     write_log(storage, claim.job.id, "train", claim.token, "first run\n")
@@ -315,7 +315,7 @@ def test_follow_ends_when_a_newer_run_of_the_stage_begins(
 
 
 def test_a_follow_takes_one_of_the_tenants_event_streams(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     claim = running_job(store)
     write_log(storage, claim.job.id, "train", claim.token, "x\n")
@@ -338,7 +338,7 @@ def test_a_follow_takes_one_of_the_tenants_event_streams(
 
 # -- a failed job's record keeps the tail of its traceback -------------------------------------
 def test_a_failed_jobs_record_keeps_the_last_lines_of_its_stage_log(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     from workers.lease import LeaseKeeper
     from workers.runner import ERROR_TAIL_BYTES, StageRun, file_tail, keep_error_tail
@@ -360,7 +360,7 @@ def test_a_failed_jobs_record_keeps_the_last_lines_of_its_stage_log(
     assert len(tail.encode()) <= ERROR_TAIL_BYTES
 
 
-def test_an_error_tail_is_capped_in_bytes_whatever_the_log_holds(storage: Storage) -> None:
+def test_an_error_tail_is_capped_in_bytes_whatever_the_log_holds(storage: LocalStorage) -> None:
     from workers.runner import ERROR_TAIL_BYTES, file_tail, last_lines
 
     path = storage.root / "huge.log"

@@ -19,7 +19,7 @@ from shared.jobs import JobRecord
 from shared.logs import ContextFilter, JsonFormatter
 from shared.settings import Settings
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.conftest import free_port
 from tests.service.helpers import succeeded_job
@@ -68,7 +68,7 @@ def commands_run(store: JobStore) -> int:
 
 
 def test_jobs_are_counted_by_tenant_and_state(
-    client: TestClient, store: JobStore, storage: Storage
+    client: TestClient, store: JobStore, storage: LocalStorage
 ) -> None:
     succeeded_job(store, storage, tenant="alice")
     submit(store, "alice", 2)

@@ -10,7 +10,7 @@ from service.app import create_app
 from shared.jobs import JobRecord, JobState
 from shared.settings import Settings
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.helpers import artifact_bytes, serve
 from tests.service.test_traversal import get, wire
@@ -20,7 +20,7 @@ EVENTS = "tensorboard/train/events.out.tfevents.train"
 ARTIFACTS = ["encoder.pt", "curves.png", EVENTS, "result.json"]
 
 
-def succeeded_with_folders(store: JobStore, storage: Storage) -> JobRecord:
+def succeeded_with_folders(store: JobStore, storage: LocalStorage) -> JobRecord:
     job, _ = store.submit(JobRecord.for_spec(parse_job_spec(digits_spec()), tenant="default"))
     claim = store.claim("test-runner", lease_ttl_s=30.0, block_ms=50)
     assert claim is not None and claim.job.id == job.id
@@ -34,7 +34,7 @@ def succeeded_with_folders(store: JobStore, storage: Storage) -> JobRecord:
 
 
 def test_event_files_are_served_by_their_listed_names_and_nothing_past_them(
-    settings: Settings, store: JobStore, storage: Storage, tmp_path: Path
+    settings: Settings, store: JobStore, storage: LocalStorage, tmp_path: Path
 ) -> None:
     job = succeeded_with_folders(store, storage)
     canary = f"CANARY-{secrets.token_hex(16)}".encode()

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.app import create_app
 from shared.jobs import JobRecord
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.helpers import ARTIFACTS, artifact_bytes, serve, succeeded_job
 
@@ -46,7 +46,7 @@ class Recorder:
 
 @pytest.fixture
 def target(
-    settings: Settings, store: JobStore, storage: Storage, tmp_path: Path
+    settings: Settings, store: JobStore, storage: LocalStorage, tmp_path: Path
 ) -> Iterator[Target]:
     job = succeeded_job(store, storage)
     outside = tmp_path / "outside"

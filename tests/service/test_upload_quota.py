@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from shared.quotas import Quotas, dataset_item
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.test_datasets import files_under, npz_bytes
 from tests.specs import digits_spec
@@ -24,7 +24,7 @@ def dataset(seed: int) -> bytes:
 
 
 def test_an_upload_past_the_quota_is_507_and_leaves_nothing(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     quota = settings.model_copy(update={"storage_quota_bytes": int(STORED * 1.5)})
     ledger = Quotas(store.redis, store.keys)
@@ -46,7 +46,7 @@ def test_an_upload_past_the_quota_is_507_and_leaves_nothing(
 
 
 def test_below_the_free_disk_floor_uploads_and_jobs_are_507(
-    settings: Settings, store: JobStore, storage: Storage
+    settings: Settings, store: JobStore, storage: LocalStorage
 ) -> None:
     full = settings.model_copy(update={"min_free_disk_bytes": 2**62})  # more than any disk
     with TestClient(create_app(full)) as api:

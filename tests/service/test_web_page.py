@@ -20,7 +20,7 @@ from service.app import create_app
 from shared.jobs import JobRecord, JobState
 from shared.settings import Settings
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.helpers import serve
 from tests.specs import digits_spec
@@ -90,7 +90,7 @@ def queued_job(store: JobStore, tenant: str, epochs: int = 2) -> JobRecord:
 
 @pytest.mark.ray
 def test_the_page_follows_a_job_to_its_end_with_its_curve_and_pictures(
-    page: Page, base_url: str, store: JobStore, storage: Storage, auth_settings: Settings,
+    page: Page, base_url: str, store: JobStore, storage: LocalStorage, auth_settings: Settings,
     ray_address: str, group_pool: "GroupPool",
 ) -> None:  # fmt: skip
     from workers.dispatcher import Dispatcher

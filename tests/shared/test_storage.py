@@ -1,5 +1,6 @@
 """Storage: artifacts are served only by names from a finished job's own list, inside the root."""
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -7,8 +8,9 @@ import pytest
 
 from shared.errors import ArtifactNotFound, ResultNotReady
 from shared.jobs import JobRecord, JobState, advance
+from shared.object_storage import ObjectStorage
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage, open_storage
 from tests.specs import digits_spec
 
 ARTIFACTS = ["encoder.pt", "encoder.safetensors", "metrics.json"]
@@ -18,7 +20,7 @@ def queued_job() -> JobRecord:
     return JobRecord.for_spec(parse_job_spec(digits_spec()))
 
 
-def succeeded(storage: Storage, artifacts: list[str], folder: str | None = None) -> JobRecord:
+def succeeded(storage: LocalStorage, artifacts: list[str], folder: str | None = None) -> JobRecord:
     """A succeeded job whose artifact folder exists with one file per listed plain name."""
     job = queued_job()
     folder = folder if folder is not None else storage.attempt_folder(job.id, 1)
@@ -30,11 +32,11 @@ def succeeded(storage: Storage, artifacts: list[str], folder: str | None = None)
     return advance(advance(job, JobState.RUNNING), JobState.SUCCEEDED, result=result)
 
 
-def assert_inside(storage: Storage, path: Path) -> None:
+def assert_inside(storage: LocalStorage, path: Path) -> None:
     assert path.resolve().is_relative_to(storage.root)
 
 
-def test_a_listed_artifact_is_served_from_the_jobs_folder(storage: Storage) -> None:
+def test_a_listed_artifact_is_served_from_the_jobs_folder(storage: LocalStorage) -> None:
     job = succeeded(storage, ARTIFACTS)
     for name in ARTIFACTS:
         path = storage.artifact_path(job, name)
@@ -43,7 +45,7 @@ def test_a_listed_artifact_is_served_from_the_jobs_folder(storage: Storage) -> N
         assert_inside(storage, path)
 
 
-def test_a_name_not_in_the_list_is_not_found_even_if_the_file_exists(storage: Storage) -> None:
+def test_a_name_not_in_the_list_is_not_found_even_if_the_file_exists(storage: LocalStorage) -> None:
     job = succeeded(storage, ["encoder.pt"])
     folder = storage.root / storage.attempt_folder(job.id, 1)
     (folder / "secret.txt").write_text("left by someone")
@@ -53,7 +55,7 @@ def test_a_name_not_in_the_list_is_not_found_even_if_the_file_exists(storage: St
 
 
 @pytest.mark.parametrize("name", ["../x", "../../x", "./encoder.pt", "encoder.pt/", ""])
-def test_relative_tricks_are_not_found(storage: Storage, name: str) -> None:
+def test_relative_tricks_are_not_found(storage: LocalStorage, name: str) -> None:
     job = succeeded(storage, ["encoder.pt"])
     folder = storage.root / storage.attempt_folder(job.id, 1)
     (folder.parent / "x").write_text("a sibling of the attempt folder")
@@ -62,7 +64,7 @@ def test_relative_tricks_are_not_found(storage: Storage, name: str) -> None:
         storage.artifact_path(job, name)
 
 
-def test_an_absolute_path_is_not_found(storage: Storage, tmp_path: Path) -> None:
+def test_an_absolute_path_is_not_found(storage: LocalStorage, tmp_path: Path) -> None:
     job = succeeded(storage, ["encoder.pt"])
     outside = tmp_path / "outside.txt"
     outside.write_text("not an artifact")
@@ -72,14 +74,14 @@ def test_an_absolute_path_is_not_found(storage: Storage, tmp_path: Path) -> None
             storage.artifact_path(job, name)
 
 
-def test_a_listed_artifact_whose_file_is_missing_is_not_found(storage: Storage) -> None:
+def test_a_listed_artifact_whose_file_is_missing_is_not_found(storage: LocalStorage) -> None:
     job = succeeded(storage, ["encoder.pt"])
     (storage.root / storage.attempt_folder(job.id, 1) / "encoder.pt").unlink()
     with pytest.raises(ArtifactNotFound):
         storage.artifact_path(job, "encoder.pt")
 
 
-def test_a_listed_name_that_is_a_folder_is_not_found(storage: Storage) -> None:
+def test_a_listed_name_that_is_a_folder_is_not_found(storage: LocalStorage) -> None:
     job = succeeded(storage, ["encoder.pt", "checkpoints"])
     (storage.root / storage.attempt_folder(job.id, 1) / "checkpoints").unlink()
     (storage.root / storage.attempt_folder(job.id, 1) / "checkpoints").mkdir()
@@ -87,7 +89,7 @@ def test_a_listed_name_that_is_a_folder_is_not_found(storage: Storage) -> None:
         storage.artifact_path(job, "checkpoints")
 
 
-def test_unfinished_jobs_have_no_artifacts(storage: Storage) -> None:
+def test_unfinished_jobs_have_no_artifacts(storage: LocalStorage) -> None:
     queued = queued_job()
     running = advance(queued, JobState.RUNNING)
     # files already on disk do not make an unfinished job's result ready
@@ -101,7 +103,9 @@ def test_unfinished_jobs_have_no_artifacts(storage: Storage) -> None:
 
 
 @pytest.mark.parametrize("state", [JobState.FAILED, JobState.CANCELLED])
-def test_jobs_that_did_not_succeed_have_no_artifacts(storage: Storage, state: JobState) -> None:
+def test_jobs_that_did_not_succeed_have_no_artifacts(
+    storage: LocalStorage, state: JobState
+) -> None:
     job = queued_job()
     result = {"folder": storage.attempt_folder(job.id, 1), "artifacts": ["encoder.pt"]}
     folder = storage.root / storage.attempt_folder(job.id, 1)
@@ -113,7 +117,7 @@ def test_jobs_that_did_not_succeed_have_no_artifacts(storage: Storage, state: Jo
     assert "worker died" in str(info.value)
 
 
-def test_a_succeeded_job_without_a_result_is_not_ready(storage: Storage) -> None:
+def test_a_succeeded_job_without_a_result_is_not_ready(storage: LocalStorage) -> None:
     job = advance(advance(queued_job(), JobState.RUNNING), JobState.SUCCEEDED)
     with pytest.raises(ResultNotReady):
         storage.artifact_path(job, "encoder.pt")
@@ -128,7 +132,7 @@ def test_a_succeeded_job_without_a_result_is_not_ready(storage: Storage) -> None
     ["../../../../outside.txt", "../../../../storage/../outside.txt"],
 )
 def test_a_listed_name_that_climbs_out_of_the_root_is_refused(
-    storage: Storage, tmp_path: Path, bad_name: str
+    storage: LocalStorage, tmp_path: Path, bad_name: str
 ) -> None:
     (tmp_path / "outside.txt").write_text("outside the storage root")
     job = succeeded(storage, ["encoder.pt", bad_name])
@@ -138,7 +142,7 @@ def test_a_listed_name_that_climbs_out_of_the_root_is_refused(
         storage.artifact_path(job, bad_name)
 
 
-def test_a_listed_absolute_name_is_refused(storage: Storage, tmp_path: Path) -> None:
+def test_a_listed_absolute_name_is_refused(storage: LocalStorage, tmp_path: Path) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("outside the storage root")
     job = succeeded(storage, ["encoder.pt", str(outside)])
@@ -146,7 +150,9 @@ def test_a_listed_absolute_name_is_refused(storage: Storage, tmp_path: Path) -> 
         storage.artifact_path(job, str(outside))
 
 
-def test_a_folder_that_climbs_out_of_the_root_is_refused(storage: Storage, tmp_path: Path) -> None:
+def test_a_folder_that_climbs_out_of_the_root_is_refused(
+    storage: LocalStorage, tmp_path: Path
+) -> None:
     (tmp_path / "encoder.pt").write_text("outside the storage root")
     job = succeeded(storage, [])
     job = job.model_copy(update={"result": {"folder": "..", "artifacts": ["encoder.pt"]}})
@@ -155,7 +161,7 @@ def test_a_folder_that_climbs_out_of_the_root_is_refused(storage: Storage, tmp_p
 
 
 def test_a_listed_artifact_that_links_out_of_the_root_is_refused(
-    storage: Storage, tmp_path: Path
+    storage: LocalStorage, tmp_path: Path
 ) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("outside the storage root")
@@ -167,13 +173,35 @@ def test_a_listed_artifact_that_links_out_of_the_root_is_refused(
         storage.artifact_path(job, "encoder.pt")
 
 
-def test_a_url_storage_root_is_refused() -> None:
-    with pytest.raises(ValueError, match="only local or mounted"):
-        Storage("s3://bucket/aetrain")
+@pytest.mark.parametrize(
+    ("root", "refusal"),
+    [
+        ("gs://bucket/aetrain", "a local or mounted path, or s3://bucket/prefix"),
+        ("s3://", "write s3://bucket or s3://bucket/prefix"),
+        ("s3://bucket/a?versionId=1", "write s3://bucket or s3://bucket/prefix"),
+        ("s3://bucket/a//b", "empty, '.' or '..' part"),
+        ("s3://bucket/a/../b", "empty, '.' or '..' part"),
+    ],
+)
+def test_a_url_other_than_an_s3_bucket_and_prefix_is_refused(root: str, refusal: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        open_storage(root)
+
+
+def test_a_url_opens_object_storage_and_a_path_a_local_one(tmp_path: Path) -> None:
+    remote = open_storage("s3://bucket/aetrain/")
+    assert isinstance(remote, ObjectStorage)
+    assert remote.location("runs/j1-train") == "s3://bucket/aetrain/runs/j1-train"
+    assert remote.run_location("j1", "train") == "s3://bucket/aetrain/runs/j1-train"
+    local = open_storage(str(tmp_path))
+    assert isinstance(local, LocalStorage)
+    assert local.location("datasets") == str(tmp_path.resolve() / "datasets")
+    with pytest.raises(ValueError, match="is a URL"):
+        LocalStorage("s3://bucket/aetrain")
 
 
 def test_the_root_is_absolute_and_resolved(tmp_path: Path) -> None:
-    storage = Storage(str(tmp_path / "a" / ".." / "storage"))
+    storage = LocalStorage(str(tmp_path / "a" / ".." / "storage"))
     assert storage.root == (tmp_path / "storage").resolve()
     assert storage.root.is_absolute()
     assert storage.run_name("j1", "train") == "j1-train"

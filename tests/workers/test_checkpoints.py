@@ -13,7 +13,7 @@ from torch import nn
 
 from shared.settings import Settings
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.specs import digits_spec
 from workers.checkpoints import (
@@ -48,13 +48,13 @@ def save(folder: Path, epoch: int) -> Path:
     return folder
 
 
-def truncate(folder: Path) -> None:
-    state = folder / CHECKPOINT_FILE
+def truncate(folder: str | Path) -> None:
+    state = Path(folder) / CHECKPOINT_FILE
     state.write_bytes(state.read_bytes()[:-100])
 
 
-def flip_a_byte(folder: Path) -> None:
-    state = folder / CHECKPOINT_FILE
+def flip_a_byte(folder: str | Path) -> None:
+    state = Path(folder) / CHECKPOINT_FILE
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0x01  # inside the weights: torch itself loads this file
     state.write_bytes(bytes(data))
@@ -138,7 +138,7 @@ def test_resume_picks_the_newest_whole_checkpoint(tmp_path: Path) -> None:
     truncate(half)
     (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's, not a checkpoint
     lines: list[str] = []
-    assert latest_valid_checkpoint(run, lines.append) == best
+    assert latest_valid_checkpoint(run, lines.append) == str(best)
     assert lines[-1] == f"resume: from {best.name} (epoch 3)"
     skipped = "\n".join(lines[:-1])
     for name in ("00-00-05", "00-00-07", "00-00-09"):
@@ -175,8 +175,8 @@ def test_cleanup_keeps_the_final_and_the_newest_and_removes_partial_ones(tmp_pat
 
     left = checkpoint_folders(run)
     assert [check(f) for f in left] == [5, 7, 9]  # num_to_keep + 1, the final among them
-    assert final in left and snapshot.exists()
-    assert sorted(p.name for p in deleted) == [
+    assert str(final) in left and snapshot.exists()
+    assert sorted(Path(p).name for p in deleted) == [
         f"checkpoint_2025-01-01_00-00-{second}.000000" for second in ("01", "03", "10", "11")
     ]
 
@@ -189,7 +189,8 @@ def test_cleanup_never_deletes_what_it_is_told_to_keep(tmp_path: Path) -> None:
     final = save(run / "checkpoint_9", epoch=9)
     truncate(final)  # kept even so: it is what the stage's result points to
     prune_run(run, keep=[final, oldest], num_to_keep=2, say=None)
-    assert [f.name for f in checkpoint_folders(run)] == ["checkpoint_1", "checkpoint_5", final.name]
+    left = [Path(f).name for f in checkpoint_folders(run)]
+    assert left == ["checkpoint_1", "checkpoint_5", final.name]
 
 
 def stage_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
@@ -204,7 +205,8 @@ def stage_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_a_run_skips_partial_checkpoints_keeps_whole_ones_and_resumes_past_damage(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     group_pool: GroupPool,
 ) -> None:  # fmt: skip
     spec = digits_spec(epochs=8, checkpoint_every=2, checkpoints_to_keep=2)
@@ -234,7 +236,7 @@ def test_a_run_skips_partial_checkpoints_keeps_whole_ones_and_resumes_past_damag
     # The cleanup after each checkpoint removed both, and the oldest beyond num_to_keep + 1.
     folders = checkpoint_folders(run)
     assert 1 <= len(folders) <= 2 + 1 and all(verify(f) for f in folders)
-    assert damaged not in folders and unfinished not in folders
+    assert str(damaged) not in folders and str(unfinished) not in folders
     assert sorted(check(f) for f in folders) == [5, 7]
 
     # Damaged after the run, the newest is passed over on a restart for the newest whole
@@ -245,8 +247,8 @@ def test_a_run_skips_partial_checkpoints_keeps_whole_ones_and_resumes_past_damag
     lines: list[str] = []
     found = latest_valid_checkpoint(run, lines.append)
     assert found is not None and restore(found, model, optimizer) == 5 + 1
-    assert lines[0].startswith(f"resume: skipped {latest.name}")
+    assert lines[0].startswith(f"resume: skipped {Path(latest).name}")
     (previous,) = (f for f in folders if verify(f))
-    assert lines[1] == f"resume: from {previous.name} (epoch 5)"
+    assert lines[1] == f"resume: from {Path(previous).name} (epoch 5)"
     saved = load_state(previous)["model"]
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())

@@ -18,7 +18,7 @@ import ray
 from fastapi.testclient import TestClient
 
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.conftest import train_worker_pids
 from tests.specs import digits_spec
@@ -38,7 +38,7 @@ print(tuple(codes.shape), leaked)
 
 def make_dispatcher(
     store: JobStore,
-    storage: Storage,
+    storage: LocalStorage,
     settings: Settings,
     ray_address: str,
     name: str = "d1",
@@ -63,7 +63,7 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
 
 @pytest.fixture
 def running_dispatchers(
-    store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    store: JobStore, storage: LocalStorage, settings: Settings, ray_address: str,
     one_group_pool: GroupPool,
 ) -> Iterator[Callable[[int], list[Dispatcher]]]:  # fmt: skip
     """Dispatchers sharing the session's pool, down to one idle 1-worker group: their tests
@@ -123,7 +123,7 @@ def check_finished_job(client: TestClient, job_id: str, epochs: int, tmp_path: P
 def test_spec_goes_through_http_to_a_loadable_encoder_on_one_and_two_ranks(
     client: TestClient,
     store: JobStore,
-    storage: Storage,
+    storage: LocalStorage,
     settings: Settings,
     ray_address: str,
     tmp_path: Path,
@@ -227,7 +227,7 @@ def test_a_group_that_does_not_stop_its_cancelled_stage_is_killed_and_replaced(
 def test_two_dispatchers_run_each_of_four_jobs_exactly_once(
     client: TestClient,
     store: JobStore,
-    storage: Storage,
+    storage: LocalStorage,
     running_dispatchers: Callable[[int], list[Dispatcher]],
 ) -> None:
     ids = [client.post("/v1/jobs", json=digits_spec(epochs=2)).json()["id"] for _ in range(4)]
@@ -249,7 +249,8 @@ def test_two_dispatchers_run_each_of_four_jobs_exactly_once(
 
 
 def test_stages_of_two_jobs_share_the_cluster_and_a_two_worker_stage_waits_for_both(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     empty_group_pool: GroupPool,
 ) -> None:  # fmt: skip
     assert ray.cluster_resources()["CPU"] == 2
@@ -284,12 +285,19 @@ def test_stages_of_two_jobs_share_the_cluster_and_a_two_worker_stage_waits_for_b
 
 
 def test_a_stage_is_not_started_on_a_storage_below_the_free_disk_floor(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     group_pool: GroupPool,
 ) -> None:  # fmt: skip
     job_id = client.post("/v1/jobs", json=digits_spec()).json()["id"]
-    full = Dispatcher(store, storage, settings.require_redis_url(), ray_address,
-                      min_free_disk_bytes=2**62, pool=group_pool)  # more than any disk has
+    full = Dispatcher(
+        store,
+        storage,
+        settings.require_redis_url(),
+        ray_address,
+        min_free_disk_bytes=2**62,
+        pool=group_pool,
+    )  # more than any disk has
     full.run_once(block_ms=2000)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "failed"

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from shared.jobs import JobRecord, JobState, StageState
 from shared.settings import Settings
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from workers.dispatcher import Dispatcher
 from workers.group_pool import GroupPool
@@ -136,7 +136,8 @@ def test_non_finite_metrics_in_redis_leave_record_list_result_and_events_valid_j
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_a_diverging_job_fails_once_with_a_reason_and_its_neighbour_succeeds(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     group_pool: GroupPool,
 ) -> None:  # fmt: skip
     diverging = client.post("/v1/jobs", json=DIVERGING).json()["id"]

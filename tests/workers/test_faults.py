@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.conftest import train_worker_pids
 from tests.specs import digits_spec
@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 @pytest.fixture
 def dispatcher(
-    store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    store: JobStore, storage: LocalStorage, settings: Settings, ray_address: str,
     one_group_pool: GroupPool,
 ) -> Iterator[Dispatcher]:  # fmt: skip
     """On the session's pool, down to one idle 1-worker group: these tests count and kill
@@ -129,7 +129,8 @@ def test_a_hung_rank_is_caught_by_the_progress_deadline_and_the_stage_retried(
 
 
 def test_a_dispatcher_killed_after_its_claim_or_before_the_artifacts_is_taken_over(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     job_id = client.post("/v1/jobs", json=digits_spec(epochs=20)).json()["id"]
@@ -185,7 +186,8 @@ def test_a_dispatcher_killed_after_its_claim_or_before_the_artifacts_is_taken_ov
 
 
 def test_a_poison_job_fails_after_max_failures_with_its_error_and_does_not_hold_up_others(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     group_pool: GroupPool,
 ) -> None:  # fmt: skip
     body = io.BytesIO()

@@ -23,7 +23,7 @@ import pytest
 from shared.jobs import JobRecord, JobState
 from shared.settings import Settings
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.conftest import train_worker_pids
 from tests.specs import digits_spec
@@ -93,7 +93,7 @@ def two_dispatchers(
 
 
 def test_a_dispatcher_frozen_past_its_lease_and_woken_leaves_the_new_owner_alone(
-    store: JobStore, storage: Storage, two_dispatchers: list[subprocess.Popen[bytes]],
+    store: JobStore, storage: LocalStorage, two_dispatchers: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:  # fmt: skip
     wait_for(lambda: store.dispatchers.live_count() == 2, 60, "both dispatchers to register")

@@ -12,7 +12,7 @@ import ray
 from fastapi.testclient import TestClient
 
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.conftest import train_worker_pids
 from tests.specs import digits_spec
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
 @pytest.fixture
 def start_dispatcher(
-    store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    store: JobStore, storage: LocalStorage, settings: Settings, ray_address: str,
     empty_group_pool: GroupPool,
 ) -> Iterator[Callable[..., Dispatcher]]:  # fmt: skip
     """Dispatchers with pools of their own (the session's is emptied first, for the CPUs)."""
@@ -71,7 +71,7 @@ def test_a_job_on_a_warm_group_after_another_trains_exactly_as_on_a_fresh_group(
 
 
 def test_a_chain_of_stages_trains_on_one_group(
-    client: TestClient, store: JobStore, storage: Storage,
+    client: TestClient, store: JobStore, storage: LocalStorage,
     start_dispatcher: Callable[..., Dispatcher],
 ) -> None:  # fmt: skip
     spec: dict[str, Any] = {

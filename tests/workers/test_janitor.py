@@ -10,7 +10,7 @@ import pytest
 from shared.jobs import JobRecord, JobState, new_job_id
 from shared.quotas import Quotas, job_item
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.service.helpers import succeeded_job
 from tests.specs import digits_spec
@@ -34,7 +34,7 @@ def make(path: Path, age_s: float = 0.0, content: bytes = b"x") -> Path:
     return path
 
 
-def every_path(storage: Storage) -> set[str]:
+def every_path(storage: LocalStorage) -> set[str]:
     return {str(p.relative_to(storage.root)) for p in storage.root.rglob("*")}
 
 
@@ -44,7 +44,7 @@ def job_id_made(seconds_ago: float) -> str:
     return f"j{int((time.time() - seconds_ago) * 1000):012x}{fresh[-8:]}"
 
 
-def test_exactly_the_stale_leftovers_go(store: JobStore, storage: Storage) -> None:
+def test_exactly_the_stale_leftovers_go(store: JobStore, storage: LocalStorage) -> None:
     finished = succeeded_job(store, storage)  # names its attempt folder
     deleted = succeeded_job(store, storage, tenant="other")
     store.delete(deleted.id, tenant="other")
@@ -94,12 +94,12 @@ def test_exactly_the_stale_leftovers_go(store: JobStore, storage: Storage) -> No
     assert sweep(store, storage).bytes_freed == 0  # nothing left to find
 
 
-def rel(storage: Storage, path: Path) -> str:
+def rel(storage: LocalStorage, path: Path) -> str:
     return str(path.relative_to(storage.root))
 
 
 def test_a_failed_or_cancelled_job_keeps_no_attempt_folder(
-    store: JobStore, storage: Storage
+    store: JobStore, storage: LocalStorage
 ) -> None:
     job, _ = store.submit(JobRecord.for_spec(parse_job_spec(digits_spec())))
     claim = store.claim("runner", lease_ttl_s=30.0, block_ms=50)
@@ -112,7 +112,7 @@ def test_a_failed_or_cancelled_job_keeps_no_attempt_folder(
 
 
 def test_nothing_goes_for_a_missing_record_when_redis_knows_no_tenant(
-    store: JobStore, storage: Storage
+    store: JobStore, storage: LocalStorage
 ) -> None:
     orphan = make(storage.job_folder(job_id_made(HOUR)) / "attempt-1" / "a.pt", age_s=HOUR)
     os.utime(orphan.parent.parent, (time.time() - HOUR,) * 2)
@@ -122,7 +122,7 @@ def test_nothing_goes_for_a_missing_record_when_redis_knows_no_tenant(
 
 
 def test_the_ledger_lets_go_of_gone_jobs_and_of_jobs_that_never_started(
-    store: JobStore, storage: Storage
+    store: JobStore, storage: LocalStorage
 ) -> None:
     quotas = Quotas(store.redis, store.keys)
     finished = succeeded_job(store, storage)
@@ -143,7 +143,7 @@ def test_the_ledger_lets_go_of_gone_jobs_and_of_jobs_that_never_started(
     }
 
 
-def test_expired_index_entries_are_pruned(store: JobStore, storage: Storage) -> None:
+def test_expired_index_entries_are_pruned(store: JobStore, storage: LocalStorage) -> None:
     short = JobStore(store.redis, store.prefix, retention_s=1)
     job, _ = short.submit(JobRecord.for_spec(parse_job_spec(digits_spec())))
     short.request_cancel(job.id)
@@ -153,7 +153,9 @@ def test_expired_index_entries_are_pruned(store: JobStore, storage: Storage) -> 
     assert store.redis.zcard(store.keys.index("default")) == 0
 
 
-def test_a_sweep_never_follows_a_link_out_of_the_root(store: JobStore, storage: Storage) -> None:
+def test_a_sweep_never_follows_a_link_out_of_the_root(
+    store: JobStore, storage: LocalStorage
+) -> None:
     succeeded_job(store, storage)  # a tenant: Redis is not empty
     outside = storage.root.parent / "outside"
     make(outside / "precious.pt")

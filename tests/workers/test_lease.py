@@ -19,7 +19,7 @@ from shared.errors import LeaseLost
 from shared.group_channel import StageTask
 from shared.jobs import JobRecord, JobState
 from shared.specs import parse_job_spec
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.specs import digits_spec
 from workers.checkpoints import check, checkpoint_folders, save_checkpoint
@@ -74,7 +74,7 @@ def test_the_lease_is_renewed_while_redis_refuses_writes(store: JobStore) -> Non
 
 
 def test_a_job_finished_while_redis_refuses_writes_succeeds_once_and_frees_its_lease(
-    store: JobStore, storage: Storage, redis_url: str, writes_refused_for: Refuse
+    store: JobStore, storage: LocalStorage, redis_url: str, writes_refused_for: Refuse
 ) -> None:
     claim = claimed(store)
     job_id = claim.job.id
@@ -95,7 +95,7 @@ def test_a_job_finished_while_redis_refuses_writes_succeeds_once_and_frees_its_l
 
 
 def test_a_job_given_back_while_redis_refuses_writes_is_queued_once(
-    store: JobStore, storage: Storage, redis_url: str, writes_refused_for: Refuse
+    store: JobStore, storage: LocalStorage, redis_url: str, writes_refused_for: Refuse
 ) -> None:
     claim = claimed(store)
     dispatcher = Dispatcher(store, storage, redis_url, "unused", lease_ttl_s=TTL_S)
@@ -108,7 +108,7 @@ def test_a_job_given_back_while_redis_refuses_writes_is_queued_once(
 
 
 def test_a_finish_after_the_lease_is_gone_is_refused_and_never_raises(
-    store: JobStore, storage: Storage, redis_url: str
+    store: JobStore, storage: LocalStorage, redis_url: str
 ) -> None:
     claim = claimed(store)
     dispatcher = Dispatcher(store, storage, redis_url, "unused", lease_ttl_s=TTL_S)
@@ -173,11 +173,12 @@ def test_a_runner_whose_lease_is_gone_writes_and_prunes_no_checkpoint(
                          max_failures=0, submitted_at=0.0)  # fmt: skip
 
     lines: list[str] = []
-    assert write_checkpoint(task(stale.token), store, run, model, optimizer, 6, "{}", 1,
+    assert write_checkpoint(task(stale.token), store, str(run), model, optimizer, 6, "{}", 1,
                             lines.append) is None  # fmt: skip
-    assert checkpoint_folders(run) == folders  # the new owner's resume point is intact
+    # the new owner's resume point is intact
+    assert checkpoint_folders(run) == [str(f) for f in folders]
     assert any("not written" in line for line in lines), lines
-    saved = write_checkpoint(task(owner.token), store, run, model, optimizer, 6, "{}", 1,
+    saved = write_checkpoint(task(owner.token), store, str(run), model, optimizer, 6, "{}", 1,
                              lines.append)  # fmt: skip
     assert saved is not None and check(saved) == 6
     assert checkpoint_folders(run) == [saved]  # checkpoints_to_keep 1: the others went

@@ -15,7 +15,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.specs import set_field
 from workers.dispatcher import Dispatcher
@@ -34,7 +34,7 @@ def example(name: str, **changes: Any) -> dict[str, Any]:
 
 
 def run_one(
-    store: JobStore, storage: Storage, settings: Settings, ray_address: str, pool: GroupPool
+    store: JobStore, storage: LocalStorage, settings: Settings, ray_address: str, pool: GroupPool
 ) -> None:
     Dispatcher(store, storage, settings.require_redis_url(), ray_address,
                pool=pool).run_once(2000)  # fmt: skip
@@ -50,7 +50,7 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
 
 
 def test_stacked_example_trains_layer_by_layer_then_finetunes_beside_its_baseline(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
     ray_address: str, tmp_path: Path, group_pool: GroupPool,
 ) -> None:  # fmt: skip
     spec = example("stacked-digits.yaml", training__epochs=2, finetune__epochs=1)
@@ -80,7 +80,7 @@ def test_stacked_example_trains_layer_by_layer_then_finetunes_beside_its_baselin
 
 
 def test_semisupervised_example_reports_head_and_baseline_accuracy(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
     ray_address: str, tmp_path: Path, group_pool: GroupPool,
 ) -> None:  # fmt: skip
     spec = example("semisupervised-digits.yaml", pretrain__training__epochs=3, head__epochs=20,
@@ -113,7 +113,8 @@ def test_semisupervised_example_reports_head_and_baseline_accuracy(
 
 
 def test_a_stage_larger_than_the_cluster_fails_with_a_reason(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     group_pool: GroupPool,
 ) -> None:  # fmt: skip
     spec = example("stacked-digits.yaml", resources={"workers": 64})
@@ -125,7 +126,8 @@ def test_a_stage_larger_than_the_cluster_fails_with_a_reason(
 
 
 def test_a_killed_stacked_job_resumes_at_the_stage_after_the_last_finished(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     empty_group_pool: GroupPool,  # its CPUs for the dispatchers in processes of their own
 ) -> None:  # fmt: skip
     spec = example("stacked-digits.yaml", finetune=None, baseline=False)
@@ -182,7 +184,8 @@ def test_a_killed_stacked_job_resumes_at_the_stage_after_the_last_finished(
 
 
 def test_semisupervised_on_a_stacked_pretraining_with_a_finetuned_encoder(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     group_pool: GroupPool,
 ) -> None:  # fmt: skip
     spec = {
@@ -210,7 +213,8 @@ def test_semisupervised_on_a_stacked_pretraining_with_a_finetuned_encoder(
 
 
 def test_a_joint_head_trains_encoder_decoder_and_head_together_and_exports_the_classifier(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     tmp_path: Path, group_pool: GroupPool,
 ) -> None:  # fmt: skip
     spec = {

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sklearn.datasets import load_digits
 
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import LocalStorage
 from shared.store import JobStore
 from workers.dispatcher import Dispatcher
 from workers.group_pool import GroupPool
@@ -37,7 +37,8 @@ EVERYTHING = {
 
 
 def test_a_job_with_every_objective_reports_pictures_and_interpolates(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     group_pool: GroupPool,
 ) -> None:  # fmt: skip
     job_id = client.post("/v1/jobs", json=EVERYTHING).json()["id"]
@@ -78,7 +79,8 @@ def test_a_job_with_every_objective_reports_pictures_and_interpolates(
 
 
 def test_a_conv_job_trains_on_an_uploaded_image_dataset(
-    client: TestClient, store: JobStore, storage: Storage, settings: Settings, ray_address: str,
+    client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
+    ray_address: str,
     group_pool: GroupPool,
 ) -> None:  # fmt: skip
     bunch = load_digits()
