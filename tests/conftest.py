@@ -206,7 +206,10 @@ def ray_address() -> Iterator[str]:
     from workers.main import quiet_log_monitor
 
     quiet_log_monitor()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A node that dies is seen dead in ~5 s rather than Ray's 15 (tests/e2e/test_two_nodes.py).
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _system_config=health)  # fmt: skip
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

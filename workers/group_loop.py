@@ -69,6 +69,11 @@ def group_loop_per_worker(config: dict[str, Any]) -> None:
                     raise
         except Exception as exc:
             _record_error(channel, task, exc)
+            if attempt > task.max_failures:
+                # The last start allowed failed: the stage fails now, from whichever rank saw
+                # it. decide() on the restarted group would say the same, but a group that lost
+                # a node may never be placed again (its ranks wait for room in Ray).
+                _fail_task(channel, task, exc, attempt)
             if world_size > 1:
                 raise  # the others wait in a collective: Ray Train restarts the whole group
             continue  # one rank: run it again (its attempt is counted) without a restart
@@ -170,6 +175,14 @@ def _record_error(channel: GroupChannel, task: StageTask, exc: BaseException) ->
         channel.record_error(task.seq, describe_error(exc))
     except redis.RedisError:
         pass
+
+
+def _fail_task(channel: GroupChannel, task: StageTask, exc: BaseException, attempt: int) -> None:
+    note = f" (failed {attempt} time(s); resources.max_failures is {task.max_failures})"
+    try:  # written once per task: ranks that race here, or decide() later, change nothing
+        channel.write_outcome(StageOutcome(seq=task.seq, error=describe_error(exc) + note))
+    except redis.RedisError:
+        pass  # the restarted group's decide() writes it
 
 
 def _retrying(call: Callable[[], T]) -> T:
