@@ -19,10 +19,12 @@ import yaml
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SCHEMAS = DEPLOY / "schemas"
 COMPOSE = DEPLOY / "compose.yml"
+COMPOSE_S3 = DEPLOY / "compose.s3.yml"  # an override: `-f compose.yml -f compose.s3.yml`
 DOCKERFILE = DEPLOY / "Dockerfile"
 README = DEPLOY / "README.md"
 KUBERNETES_DIRS = (DEPLOY / "k8s", DEPLOY / "kuberay")
 SECRET_NAME = "aetrain-secrets"
+S3_SECRET_NAME = "aetrain-s3"  # optional: object storage's endpoint, region and keys
 IMAGE = "aetrain"  # the image deploy/Dockerfile builds; its entrypoint is `aetrain`
 
 
@@ -69,6 +71,11 @@ class Container:
 @cache
 def compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())  # PyYAML resolves the `<<` merge keys
+
+
+@cache
+def compose_s3() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_S3.read_text())
 
 
 def yaml_files() -> list[Path]:
@@ -267,6 +274,15 @@ def readme_shell_lines() -> Iterator[str]:
     """The lines of README's ```sh blocks, with continuation lines joined."""
     for block in re.findall(r"```(?:sh|bash|shell)\n(.*?)```", README.read_text(), re.S):
         yield from block.replace("\\\n", " ").splitlines()
+
+
+def readme_secret_keys(name: str) -> set[str]:
+    """The keys README's `kubectl create secret generic NAME` commands put in that Secret."""
+    keys: set[str] = set()
+    for line in readme_shell_lines():
+        if re.search(rf"create secret generic {re.escape(name)}(\s|$)", line):
+            keys |= set(re.findall(r"--from-literal=([A-Za-z_][A-Za-z0-9_]*)=", line))
+    return keys
 
 
 # -- label selectors and network policies ----------------------------------------------------------

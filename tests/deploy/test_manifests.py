@@ -13,12 +13,15 @@ import pytest
 import typer.main
 from pydantic import AliasChoices
 
+from shared.locations import AWS_VARIABLES
 from shared.settings import Settings
 from tests.deploy import manifests as m
 from tests.deploy.manifests import Container, Doc
 
 # Variables deploy/ sets that aetrain does not read, and who does. An AETRAIN_* name can
-# never be here: those must be fields of shared.settings.Settings.
+# never be here: those must be fields of shared.settings.Settings; nor an AWS_* name: those
+# must be among shared.locations.AWS_VARIABLES, the ones aetrain builds its S3 client from
+# and hands on to the ranks.
 OTHER_VARIABLES = {
     "RAY_AUTH_MODE": "Ray: token authentication on every node and driver",
     "RAY_AUTH_TOKEN": "Ray: the shared token",
@@ -57,7 +60,7 @@ def settings_variables() -> set[str]:
 
 # -- schemas ---------------------------------------------------------------------------------------
 def test_every_yaml_file_in_deploy_is_checked() -> None:
-    assert set(m.yaml_files()) == {m.COMPOSE, *m.kubernetes_files()}
+    assert set(m.yaml_files()) == {m.COMPOSE, m.COMPOSE_S3, *m.kubernetes_files()}
 
 
 def schema_errors(schema: dict[str, Any], instance: Any) -> list[str]:
@@ -68,8 +71,9 @@ def schema_errors(schema: dict[str, Any], instance: Any) -> list[str]:
     ]
 
 
-def test_compose_file_follows_the_compose_specification() -> None:
-    assert schema_errors(m.load_schema("compose-spec.json"), m.compose()) == []
+@pytest.mark.parametrize("read", [m.compose, m.compose_s3], ids=["compose", "compose.s3"])
+def test_compose_file_follows_the_compose_specification(read: Any) -> None:
+    assert schema_errors(m.load_schema("compose-spec.json"), read()) == []
 
 
 def schema_for(doc: Doc) -> dict[str, Any]:
@@ -165,13 +169,6 @@ def test_every_command_deploy_runs_exists_in_its_cli() -> None:
 
 
 # -- variables -------------------------------------------------------------------------------------
-def readme_secret_keys() -> set[str]:
-    """The keys of the Secret README's `kubectl create secret` command creates."""
-    text = " ".join(m.readme_shell_lines())
-    assert f"create secret generic {m.SECRET_NAME}" in text
-    return set(re.findall(r"--from-literal=([A-Za-z_][A-Za-z0-9_]*)=", text))
-
-
 def set_variables() -> list[tuple[str, str]]:
     """(where, NAME) of every variable deploy/ puts into a process's environment."""
     found = [("Dockerfile ENV", n) for n in m.dockerfile_env_names()]
@@ -179,18 +176,27 @@ def set_variables() -> list[tuple[str, str]]:
         found += [(container.where, e["name"]) for e in container.env]
     for doc in m.docs_of("ConfigMap"):  # only envFrom'd: their keys are variable names
         found += [(doc.id, key) for key in doc.body.get("data", {})]
-    found += [("README: kubectl create secret", key) for key in readme_secret_keys()]
+    for secret in (m.SECRET_NAME, m.S3_SECRET_NAME):
+        found += [(f"README: kubectl create secret {secret}", key)
+                  for key in m.readme_secret_keys(secret)]  # fmt: skip
     return found
+
+
+def is_read(name: str, settings: set[str]) -> bool:
+    """Whether aetrain (its settings, its S3 client) or Ray, Redis or Python reads `name`."""
+    if name.startswith("AETRAIN_"):
+        return name in settings
+    if name.startswith("AWS_"):
+        return name in AWS_VARIABLES
+    return name in settings or name in OTHER_VARIABLES
 
 
 def test_every_variable_deploy_sets_is_one_aetrain_or_ray_reads() -> None:
     settings = settings_variables()
-    wrong = [
-        f"{where}: {name}" for where, name in set_variables()
-        if name not in settings and (name.startswith("AETRAIN_") or name not in OTHER_VARIABLES)
-    ]  # fmt: skip
+    wrong = [f"{where}: {name}" for where, name in set_variables() if not is_read(name, settings)]
     assert wrong == []
     assert "RAY_ADDRESS" in settings and "AETRAIN_REDIS_URL" in settings  # the derivation works
+    assert {n for _, n in set_variables() if n.startswith("AWS_")}  # the S3 settings are seen
 
 
 def deploy_texts() -> dict[str, str]:
@@ -210,6 +216,17 @@ def test_every_aetrain_name_deploy_mentions_exists() -> None:
     assert wrong == set()
 
 
+def test_every_aws_name_deploy_mentions_is_one_aetrain_hands_on() -> None:
+    """README prose and comments too: only these reach the S3 client and the ranks."""
+    wrong = {
+        f"{path}: {name}"
+        for path, text in deploy_texts().items()
+        for name in re.findall(r"\bAWS_[A-Z0-9_]*[A-Z0-9]", text)
+        if name not in AWS_VARIABLES
+    }
+    assert wrong == set()
+
+
 def test_client_and_compose_variables_are_read_where_this_test_says() -> None:
     root = m.DEPLOY.parent
     client_source = "".join(
@@ -222,20 +239,28 @@ def test_client_and_compose_variables_are_read_where_this_test_says() -> None:
 
 def test_every_variable_compose_interpolates_is_documented() -> None:
     readme = m.README.read_text()
-    names = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", m.COMPOSE.read_text()))
+    text = m.COMPOSE.read_text() + m.COMPOSE_S3.read_text()
+    names = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
     assert {n for n in names if f"`{n}`" not in readme} == set()
 
 
-def test_the_secret_readme_creates_has_exactly_the_keys_the_manifests_use() -> None:
-    used = set()
+def test_the_secrets_readme_creates_have_the_keys_the_manifests_use() -> None:
+    """`aetrain-secrets`: exactly its keys, all required. `aetrain-s3`: optional, so every
+    reference says so, and README need not create every key (no endpoint for AWS S3)."""
+    used: dict[str, set[str]] = {m.SECRET_NAME: set(), m.S3_SECRET_NAME: set()}
     for container in m.kubernetes_containers():
         for e in container.env:
             ref = e.get("valueFrom", {}).get("secretKeyRef", {})
             if ref:
-                assert ref["name"] == m.SECRET_NAME, container.where
-                used.add(ref["key"])
+                assert ref["name"] in used, container.where
+                assert bool(ref.get("optional")) == (ref["name"] == m.S3_SECRET_NAME), e
+                if ref["name"] == m.S3_SECRET_NAME:  # README names its keys as the variables
+                    assert ref["key"] == e["name"], (container.where, e)
+                used[ref["name"]].add(ref["key"])
         assert not any("secretRef" in s for s in container.env_from), container.where
-    assert used == readme_secret_keys()
+    assert used[m.SECRET_NAME] == m.readme_secret_keys(m.SECRET_NAME)
+    assert set() < m.readme_secret_keys(m.S3_SECRET_NAME) <= used[m.S3_SECRET_NAME]
+    assert used[m.S3_SECRET_NAME] <= set(AWS_VARIABLES)
 
 
 def test_every_dollar_reference_in_a_pod_is_defined_before_it() -> None:
