@@ -11,6 +11,7 @@ artifacts being made), so free_bytes is the scratch folder's disk.
 
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,10 +40,10 @@ class ObjectStorage(Storage):
     def dataset_staging(self, dataset_id: str) -> Path:
         folder = self.scratch / "datasets"
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / Path(self.dataset_relative(dataset_id)).name
+        self.dataset_relative(dataset_id)  # checks the id
+        return folder / f"{dataset_id}-{uuid.uuid4().hex}.npz"
 
-    def keep_dataset(self, facts: DatasetFacts) -> None:
-        staged = self.dataset_staging(facts.id)
+    def keep_dataset(self, facts: DatasetFacts, staged: Path) -> None:
         relative = self.dataset_relative(facts.id)
         try:
             locations.upload(staged, self.location(relative))

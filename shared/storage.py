@@ -97,12 +97,13 @@ class Storage(ABC):
 
     @abstractmethod
     def dataset_staging(self, dataset_id: str) -> Path:
-        """The local file an upload's checked .npz is written to, before `keep_dataset`."""
+        """The local file an upload's checked .npz is written to, before `keep_dataset`; one
+        of its own for each call (two uploads of the same bytes may run at once)."""
 
     @abstractmethod
-    def keep_dataset(self, facts: DatasetFacts) -> None:
-        """Store the staged .npz of `facts.id`, then its facts: once the facts are there, the
-        dataset is whole."""
+    def keep_dataset(self, facts: DatasetFacts, staged: Path) -> None:
+        """Store the .npz staged for `facts.id`, then its facts: once the facts are there,
+        the dataset is whole."""
 
     def stored_facts(self, dataset_id: str) -> DatasetFacts | None:
         """The facts of a dataset stored whole, or None: then it must be parsed (again)."""
@@ -221,9 +222,11 @@ class LocalStorage(Storage):
         return self.dataset_file(dataset_id).with_suffix(".json")
 
     def dataset_staging(self, dataset_id: str) -> Path:
-        return self.dataset_file(dataset_id)  # written in place: the facts, last, vouch for it
+        # Written in place (renamed into it whole, service/uploads.py): the facts, written
+        # last, vouch for it.
+        return self.dataset_file(dataset_id)
 
-    def keep_dataset(self, facts: DatasetFacts) -> None:
+    def keep_dataset(self, facts: DatasetFacts, staged: Path) -> None:
         self.save_facts(facts)
 
     def save_facts(self, facts: DatasetFacts) -> None:

@@ -145,8 +145,10 @@ def _store_upload(
 def _parse_and_store(
     storage: Storage, received: ReceivedFile, stored_id: str, max_bytes: int
 ) -> DatasetFacts:
-    facts = store_upload(received, storage.dataset_staging(stored_id), max_bytes)
-    storage.keep_dataset(facts)  # the .npz, then the facts: they vouch for a whole file
+    # store_upload writes the staged file whole or not at all; keep_dataset lets go of it.
+    staged = storage.dataset_staging(stored_id)
+    facts = store_upload(received, staged, max_bytes)
+    storage.keep_dataset(facts, staged)  # the .npz, then the facts: they vouch for it
     return facts
 
 
