@@ -52,9 +52,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     epoch: int,
     spec_json: str,
-) -> str:
+    vouch: Callable[[], bool] = lambda: True,
+) -> str | None:
     """Write state.pt, then the manifest that vouches for it, into a folder (a path or an
-    s3:// location); returns the state file's location."""
+    s3:// location); returns the state file's location. `vouch` is asked between the two: if
+    it says no, no manifest is written (the folder stays unfinished, never loaded) and None
+    is returned."""
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -66,6 +69,8 @@ def save_checkpoint(
     data = buffer.getvalue()
     location = locations.join(folder, CHECKPOINT_FILE)
     locations.write_bytes(location, data, durable=True)  # stored before a manifest vouches
+    if not vouch():
+        return None
     _put_manifest(folder, epoch, {CHECKPOINT_FILE: data})
     return location
 

@@ -240,17 +240,19 @@ def write_checkpoint(
 
     On a disk the checkpoint is written into a hidden folder and renamed into place once the
     lease is checked; on object storage, which has no rename, it is written under a name no
-    other run uses (epoch, token, time), and its manifest, written last, makes it whole. The
-    window between the lease check and the rename or the manifest (milliseconds) is left
-    open: a takeover needs the lease to have expired first, and the new owner's run starts
-    seconds later.
+    other run uses (epoch, token, time), and its manifest, written last and only once the
+    lease is checked, makes it whole. The window between the lease check and the rename or
+    the manifest (milliseconds) is left open: a takeover needs the lease to have expired
+    first, and the new owner's run starts seconds later.
     """
     if locations.is_remote(run_folder):
-        if not lease_is(store, task):
-            say(f"checkpoint of epoch {epoch} not written: lease {task.token} is gone")
-            return None
         final = locations.join(run_folder, f"checkpoint_{epoch:06d}-{task.token}-{time.time_ns()}")
-        save_checkpoint(final, model, optimizer, epoch, spec_json)  # manifest last
+        # The lease is read after the state's upload, before the manifest that commits it.
+        if save_checkpoint(final, model, optimizer, epoch, spec_json,
+                           vouch=lambda: lease_is(store, task)) is None:  # fmt: skip
+            say(f"checkpoint of epoch {epoch} not written: lease {task.token} is gone")
+            locations.remove_tree(final)
+            return None
     else:
         folder = Path(run_folder)
         folder.mkdir(parents=True, exist_ok=True)

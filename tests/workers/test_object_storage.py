@@ -27,6 +27,7 @@ from sklearn.datasets import load_digits
 
 from service.app import create_app
 from shared import locations
+from shared.group_channel import StageTask
 from shared.object_storage import ObjectStorage
 from shared.settings import Settings
 from shared.store import JobStore
@@ -35,8 +36,10 @@ from tests.service.helpers import serve, succeeded_job
 from tests.specs import digits_spec
 from tests.workers.test_dispatcher import make_dispatcher, wait_for
 from tests.workers.test_faults import finished
+from tests.workers.test_lease import claimed
 from workers.checkpoints import (
     MANIFEST_FILE,
+    check,
     checkpoint_folders,
     latest_valid_checkpoint,
     load_state,
@@ -47,6 +50,7 @@ from workers.dispatcher import Dispatcher
 from workers.group_pool import GroupPool
 from workers.janitor import sweep
 from workers.stage_log import stage_log
+from workers.train_loop import write_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -154,6 +158,42 @@ def test_checkpoints_without_renames_skip_cut_short_and_damaged_saves(
     ]  # fmt: skip
     left = [locations.name_of(f) for f in checkpoint_folders(run)]
     assert left == ["checkpoint_000003-7-1", "checkpoint_000005-7-1"]
+
+
+def test_a_lease_lost_during_the_upload_commits_no_checkpoint_to_the_bucket(
+    store: JobStore, s3_storage: ObjectStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = claimed(store)
+    run = s3_storage.run_location(first.job.id, "train")
+    model, optimizer = model_and_optimizer(0)
+    taken_over: list[Any] = []
+    upload = locations.write_bytes
+
+    def slow_upload(location: str | Path, data: bytes, durable: bool = False) -> None:
+        upload(location, data, durable)
+        if str(location).endswith("/state.pt") and not taken_over:
+            # The runner froze while its state went up; its lease lapsed, another took over.
+            store.redis.delete(store.keys.lease(first.job.id))
+            taken_over.append(store.claim("d2", 60.0, block_ms=100))
+
+    monkeypatch.setattr(locations, "write_bytes", slow_upload)
+
+    def task(token: int) -> StageTask:
+        return StageTask(seq=1, job_id=first.job.id, token=token, stage="train", spec={},
+                         inputs={}, run_folder=run, datasets_root="", log_path="",
+                         metrics_cap=10, max_failures=0, submitted_at=0.0)  # fmt: skip
+
+    lines: list[str] = []
+    # The lease is read after the state's upload, before the manifest that would commit it.
+    assert write_checkpoint(task(first.token), store, run, model, optimizer, 6, "{}", 2,
+                            lines.append) is None  # fmt: skip
+    assert any("not written" in line for line in lines), lines
+    assert keys_under(s3_storage, f"runs/{first.job.id}-train") == []  # nor its state
+    (owner,) = taken_over
+    assert owner is not None and owner.token > first.token
+    saved = write_checkpoint(task(owner.token), store, run, model, optimizer, 6, "{}", 2,
+                             lines.append)  # fmt: skip
+    assert saved is not None and check(saved) == 6 and checkpoint_folders(run) == [saved]
 
 
 def digits_npz() -> bytes:
