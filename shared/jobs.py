@@ -86,7 +86,9 @@ class StageRecord(BaseModel):
     resources: dict[str, float] = Field(
         default_factory=dict, description="what the stage asks of the cluster (CPU, GPU, workers)"
     )
-    checkpoint: str | None = Field(default=None, description="the stage's final checkpoint")
+    checkpoint: str | None = Field(
+        default=None, description="the stage's final checkpoint, relative to the storage root"
+    )
     result: Metrics = Field(
         default_factory=dict, description="final metrics; null where one was not finite"
     )

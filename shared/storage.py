@@ -59,6 +59,19 @@ class Storage(ABC):
     def location(self, relative: str) -> str:
         """Where `relative` lies, as a location any node can reach (shared/locations.py)."""
 
+    def relative_name(self, location: str) -> str:
+        """`location` relative to the root where it lies in this store: what a record keeps, so
+        that the storage may move (a copy to a new folder or bucket); anything else as it is."""
+        root = self.location("").rstrip("/") + "/"
+        return location[len(root) :] if location.startswith(root) else location
+
+    def locate(self, name: str) -> str:
+        """The location of a name a record keeps: relative names lie in this store; an
+        absolute path or a URL (records written before names were relative) is as it is."""
+        if locations.is_remote(name) or name.startswith("/"):
+            return name
+        return self.location(name)
+
     @property
     def datasets_location(self) -> str:
         return self.location("datasets")

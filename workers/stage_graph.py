@@ -103,8 +103,10 @@ class StageGraph:
         """Run every unfinished stage; returns each stage's final checkpoint."""
         job = self.claim.job
         plan = plan_stages(job.spec)
-        done = {s.name: s.checkpoint for s in job.stages if s.state is StageState.SUCCEEDED}
-        checkpoints: dict[str, str] = {k: v for k, v in done.items() if v is not None}
+        storage = self.wiring.storage
+        # Records keep checkpoints relative to the storage root (a moved storage still works).
+        checkpoints = {s.name: storage.locate(s.checkpoint) for s in job.stages
+                       if s.state is StageState.SUCCEEDED and s.checkpoint is not None}  # fmt: skip
         pending = [stage for stage in plan if stage.name not in checkpoints]
         total = cluster_size(ray.cluster_resources(), self.wiring.cluster_max)
         for stage in pending:
@@ -188,9 +190,10 @@ class StageGraph:
             adopted = self._wait_for_resources(stage, total)
             self._mark(stage.name, StageState.RUNNING)
             outcome = self._train(stage, inputs, adopted, on)
-            self._mark(stage.name, StageState.SUCCEEDED, checkpoint=outcome.checkpoint,
-                       result=outcome.result)  # fmt: skip
             assert outcome.checkpoint is not None
+            relative = self.wiring.storage.relative_name(outcome.checkpoint)
+            self._mark(stage.name, StageState.SUCCEEDED, checkpoint=relative,
+                       result=outcome.result)  # fmt: skip
             return outcome.checkpoint
         finally:
             try:

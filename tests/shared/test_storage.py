@@ -206,3 +206,19 @@ def test_the_root_is_absolute_and_resolved(tmp_path: Path) -> None:
     assert storage.root.is_absolute()
     assert storage.run_name("j1", "train") == "j1-train"
     assert storage.attempt_folder("j1", 3) == "jobs/j1/attempt-3"
+
+
+@pytest.mark.parametrize("root", ["local", "s3://bucket/aetrain"])
+def test_records_keep_locations_relative_to_the_root_so_the_storage_may_move(
+    root: str, tmp_path: Path
+) -> None:
+    storage = open_storage(str(tmp_path / "old") if root == "local" else root)
+    moved = open_storage(str(tmp_path / "new") if root == "local" else "s3://other/prefix")
+    checkpoint = storage.location("runs/j1-train/checkpoint_000004")
+    kept = storage.relative_name(checkpoint)
+    assert kept == "runs/j1-train/checkpoint_000004"
+    assert storage.locate(kept) == checkpoint
+    assert moved.locate(kept) == moved.location("runs/j1-train/checkpoint_000004")
+    # Records written before names were relative keep working where they were written.
+    assert moved.locate(checkpoint) == checkpoint
+    assert storage.relative_name("/elsewhere/x") == "/elsewhere/x"
