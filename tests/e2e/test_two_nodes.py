@@ -26,6 +26,7 @@ import ray
 
 from tests.conftest import descendants, free_port
 from tests.specs import digits_spec
+from tests.workers.test_dispatcher import wait_for
 from workers.group_pool import GroupPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -39,15 +40,6 @@ EPOCHS = 60  # 0.3-1 s each on 2 cores: both kills land well before the end
 
 def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0))
-
-
-def wait_for(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 class SecondNode:
