@@ -7,10 +7,14 @@ The train loop (train_loop.py) is the same for every stage; a Task is what diffe
     scratch       the same stack from random weights, end to end (a stacked job's baseline)
     head          a classifier on the pretrained encoder's codes, by the head's method:
                   mlp on the labeled subset; joint on it and the reconstruction of every
-                  input; label_spreading on every input, labeled by spreading
+                  training input; label_spreading on every unlabeled input (unlabeled_pool),
+                  labeled by spreading
+A semi-supervised job's pretraining fits every input but the test split and the validation
+samples it scores (pretraining_split): the labels are what is scarce, not the inputs.
     baseline      an MLP classifier on raw inputs, on the same labeled subset
 """
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +136,8 @@ def build_task(
     `datasets` is the folder of uploaded datasets (only a job on an upload reads it).
     """
     split = job_split(spec, datasets)
+    if isinstance(spec, SemisupervisedSpec) and stage.kind in ("autoencoder", "layer", "finetune"):
+        split = pretraining_split(spec, split)
     if stage.kind == "autoencoder":
         ae = spec if isinstance(spec, AutoencoderSpec) else _pretrain_autoencoder(spec)
         model = build_model(ae.model, spec.data.input_shape, ae.objective.loss)
@@ -282,14 +288,18 @@ def _classifier_task(
         loss = _joint(spec.head.joint_weight, reconstruction_kind(spec))
     elif method == "label_spreading":
         assert isinstance(model, Classifier)
+        pool, _ = unlabeled_pool(spec, split)  # the training split first: `chosen` holds
         with torch.no_grad():
-            codes = model.encoder(torch.from_numpy(split.x_train)).numpy()
-        labels = np.full(len(split.y_train), -1, dtype=np.int64)
+            codes = model.encoder(torch.from_numpy(pool)).numpy()
+        # Standardized, so that no code dimension's scale alone decides who is a neighbor
+        # (bench/label_spreading_offline.py).
+        codes = (codes - codes.mean(axis=0)) / np.maximum(codes.std(axis=0), 1e-12)
+        labels = np.full(len(pool), -1, dtype=np.int64)
         labels[chosen] = y_labeled
         head = spec.head
         scores = spread_labels(codes, labels, classes, head.graph_neighbors, head.spread_alpha)
         index, spread = pseudo_labels(scores, labels, head.kept_confidence)
-        arrays = (split.x_train[index], spread)
+        arrays = (pool[index], spread)
         extra["pseudo_labeled"] = float(len(index) - len(chosen))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
@@ -323,6 +333,27 @@ def labeled_validation(
                                spec.data.seed)) / len(y_train)  # fmt: skip
     count = min(len(y_val), max(classes, round(share * len(y_val))))
     return labeled_subset(y_val, None, count, spec.data.seed)
+
+
+def unlabeled_pool(spec: SemisupervisedSpec, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """The inputs a semi-supervised job learns from without their labels: the training split
+    and the validation samples whose labels it never reads (the training split first, in its
+    order); and the validation samples it scores, which nothing trains on, so that
+    val_accuracy (and the pretraining's val_mse) are measured on inputs no stage has seen."""
+    assert split.y_train is not None and split.y_val is not None
+    classes = int(max(split.y_train.max(), split.y_val.max())) + 1
+    scored = labeled_validation(spec, split.y_train, split.y_val, classes)
+    unscored = np.setdiff1d(np.arange(len(split.y_val)), scored)
+    return np.concatenate([split.x_train, split.x_val[unscored]]), scored
+
+
+def pretraining_split(spec: SemisupervisedSpec, split: Split) -> Split:
+    """The split a semi-supervised job's pretraining sees: every unlabeled input to fit (all
+    data but the test split and the scored validation samples), the scored samples to
+    evaluate on."""
+    pool, scored = unlabeled_pool(spec, split)
+    return dataclasses.replace(split, x_train=pool, x_val=split.x_val[scored],
+                               y_train=None, y_val=None)  # fmt: skip
 
 
 def _cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:

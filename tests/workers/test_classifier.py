@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from shared.specs import LayerSpec, ObjectiveSpec, parse_job_spec
+from shared.specs import LayerSpec, ObjectiveSpec, SemisupervisedSpec, parse_job_spec
 from shared.stages import plan_stages
 from workers.classifier import (
     Classifier,
@@ -19,8 +19,9 @@ from workers.classifier import (
     scoring_model,
     spread_labels,
 )
+from workers.objectives import evaluate_reconstruction
 from workers.stack import build_stack, layer_model
-from workers.tasks import _tiled, build_task, lr_field
+from workers.tasks import _tiled, build_task, job_split, lr_field, unlabeled_pool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,3 +146,30 @@ def test_the_stacked_baseline_trains_the_whole_shape_from_random_weights() -> No
         p.shape for p in build_stack(spec.layers, 64).parameters()]  # type: ignore[union-attr]
     assert lr_field(spec, baseline) == "finetune.lr"
     assert task.arrays[0].shape[1] == 64  # the data itself, not a layer's codes
+
+
+def test_a_semisupervised_pretraining_fits_every_input_but_the_test_and_scored_samples() -> None:
+    spec = parse_job_spec({"kind": "semisupervised", "data": {"dataset": "digits"},
+                           "labeled_fraction": 0.05,
+                           "pretrain": {"kind": "autoencoder", "model": {"hidden": [16],
+                                        "latent_dim": 4}, "training": {"epochs": 1}},
+                           "head": {"method": "label_spreading"}})  # fmt: skip
+    assert isinstance(spec, SemisupervisedSpec)
+    split = job_split(spec, None)
+    assert split.x_test is not None and split.y_val is not None
+    pool, scored = unlabeled_pool(spec, split)
+    # The training split first (the labeled subset's indices point into it), then the
+    # validation samples whose labels are never read; the scored ones are held out of both.
+    unscored = np.ones(len(split.x_val), dtype=bool)
+    unscored[scored] = False
+    assert 0 < len(scored) < len(split.x_val)
+    assert np.array_equal(pool, np.concatenate([split.x_train, split.x_val[unscored]]))
+
+    pretrain = plan_stages(spec)[0]
+    task = build_task(spec, pretrain, {}, None)
+    assert np.array_equal(task.arrays[0], pool)  # fitted on the pool...
+    # ...and evaluated on the scored samples alone, which no stage trains on.
+    objective = spec.pretrain.objective  # type: ignore[union-attr]
+    held_out = evaluate_reconstruction(task.model, torch.from_numpy(split.x_val[scored]),
+                                       objective)  # fmt: skip
+    assert task.evaluate(task.model)["val_mse"] == pytest.approx(held_out["val_mse"])
