@@ -49,8 +49,8 @@ class ObjectStorage(Storage):
             locations.upload(staged, self.location(relative))
         finally:
             staged.unlink(missing_ok=True)
-        json_relative = relative[: -len(".npz")] + ".json"
-        locations.write_bytes(self.location(json_relative), facts.model_dump_json().encode())
+        facts_location = self.location(self.dataset_facts_relative(facts.id))
+        locations.write_bytes(facts_location, facts.model_dump_json().encode())
 
     def _stored_file(self, relative: str) -> str | None:
         location = self.location(relative)

@@ -108,6 +108,10 @@ class Storage(ABC):
             raise DatasetNotFound(dataset_id)
         return f"datasets/{dataset_id}.npz"
 
+    def dataset_facts_relative(self, dataset_id: str) -> str:
+        """datasets/<id>.json: the facts that vouch for the .npz beside them."""
+        return self.dataset_relative(dataset_id)[: -len(".npz")] + ".json"
+
     @abstractmethod
     def dataset_staging(self, dataset_id: str) -> Path:
         """The local file an upload's checked .npz is written to, before `keep_dataset`; one
@@ -124,7 +128,7 @@ class Storage(ABC):
         try:
             if locations.size_of(self.location(relative)) is None:
                 return None
-            raw = locations.read_bytes(self.location(relative[: -len(".npz")] + ".json"))
+            raw = locations.read_bytes(self.location(self.dataset_facts_relative(dataset_id)))
             facts = DatasetFacts.model_validate_json(raw)
         except (OSError, ValidationError):  # absent, or not ours: parse the upload again
             return None
@@ -132,8 +136,9 @@ class Storage(ABC):
 
     def delete_dataset_files(self, dataset_id: str) -> int:
         """Delete an upload's .npz and its .json sidecar; returns bytes freed."""
-        npz = self.dataset_relative(dataset_id)
-        return self.remove_at(npz) + self.remove_at(npz[: -len(".npz")] + ".json")
+        return self.remove_at(self.dataset_relative(dataset_id)) + self.remove_at(
+            self.dataset_facts_relative(dataset_id)
+        )
 
     # -- artifacts --------------------------------------------------------------------------------
     def artifact(self, job: JobRecord, name: str) -> str:
@@ -232,7 +237,7 @@ class LocalStorage(Storage):
         return self.root / self.dataset_relative(dataset_id)
 
     def dataset_facts_file(self, dataset_id: str) -> Path:
-        return self.dataset_file(dataset_id).with_suffix(".json")
+        return self.root / self.dataset_facts_relative(dataset_id)
 
     def dataset_staging(self, dataset_id: str) -> Path:
         # Written in place (renamed into it whole, service/uploads.py): the facts, written

@@ -269,11 +269,11 @@ def _classifier_task(
 ) -> Task:
     assert isinstance(spec, SemisupervisedSpec)
     assert split.y_train is not None and split.y_val is not None and split.y_test is not None
-    classes = int(max(split.y_train.max(), split.y_val.max(), split.y_test.max())) + 1
+    classes = label_classes(split)
     chosen = labeled_subset(split.y_train, spec.labeled_fraction, spec.labeled_count,
                             spec.data.seed)  # fmt: skip
     model = build_classifier(spec, stage, inputs, classes)
-    scored = labeled_validation(spec, split.y_train, split.y_val, classes)
+    pool, scored = unlabeled_pool(spec, split)
     x_val = OnDevice(torch.from_numpy(split.x_val[scored]))
     y_val = OnDevice(torch.from_numpy(split.y_val[scored]))
     x_test, y_test = torch.from_numpy(split.x_test), torch.from_numpy(split.y_test)
@@ -288,8 +288,7 @@ def _classifier_task(
         loss = _joint(spec.head.joint_weight, reconstruction_kind(spec))
     elif method == "label_spreading":
         assert isinstance(model, Classifier)
-        pool, _ = unlabeled_pool(spec, split)  # the training split first: `chosen` holds
-        with torch.no_grad():
+        with torch.no_grad():  # the pool has the training split first: `chosen` indexes it
             codes = model.encoder(torch.from_numpy(pool)).numpy()
         # Standardized, so that no code dimension's scale alone decides who is a neighbor
         # (bench/label_spreading_offline.py).
@@ -335,14 +334,20 @@ def labeled_validation(
     return labeled_subset(y_val, None, count, spec.data.seed)
 
 
+def label_classes(split: Split) -> int:
+    """How many classes the job's labels have (every split's): the pretraining and the head
+    must count alike, or they would hold out different validation samples."""
+    labels = [y for y in (split.y_train, split.y_val, split.y_test) if y is not None]
+    return int(max(y.max() for y in labels)) + 1
+
+
 def unlabeled_pool(spec: SemisupervisedSpec, split: Split) -> tuple[np.ndarray, np.ndarray]:
     """The inputs a semi-supervised job learns from without their labels: the training split
     and the validation samples whose labels it never reads (the training split first, in its
     order); and the validation samples it scores, which nothing trains on, so that
     val_accuracy (and the pretraining's val_mse) are measured on inputs no stage has seen."""
     assert split.y_train is not None and split.y_val is not None
-    classes = int(max(split.y_train.max(), split.y_val.max())) + 1
-    scored = labeled_validation(spec, split.y_train, split.y_val, classes)
+    scored = labeled_validation(spec, split.y_train, split.y_val, label_classes(split))
     unscored = np.setdiff1d(np.arange(len(split.y_val)), scored)
     return np.concatenate([split.x_train, split.x_val[unscored]]), scored
 
