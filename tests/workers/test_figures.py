@@ -25,6 +25,7 @@ from workers.figures import (
     save_curves,
     save_latent,
     save_reconstructions,
+    side_by_side,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -88,6 +89,16 @@ def test_the_latent_picture_is_bounded_for_wide_and_long_codes(
     png = png_of(save_latent, codes, labels)
     assert pixels(png) == (5 * DPI, round(4.5 * DPI))
     assert len(png) < 200_000, len(png)
+
+
+def test_a_row_of_images_is_one_picture_with_each_image_in_its_column() -> None:
+    images = np.random.default_rng(2).random((3, 4, 5), dtype=np.float32)
+    row = side_by_side(images, columns=5)
+    assert row.shape == (4, 5 * 6 - 1)
+    for k in range(3):
+        np.testing.assert_array_equal(row[:, 6 * k : 6 * k + 5], images[k])
+    assert (row[:, 5::6] == 1.0).all()  # a white line between columns
+    assert (row[:, 18:] == 1.0).all()  # columns without an image are white
 
 
 def test_pictures_drawn_in_threads_are_the_pictures_drawn_one_by_one() -> None:
