@@ -132,6 +132,7 @@ def test_a_dispatcher_killed_after_its_claim_or_before_the_artifacts_is_taken_ov
     client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
     ray_address: str,
     tmp_path: Path,
+    one_group_pool: GroupPool,
 ) -> None:  # fmt: skip
     job_id = client.post("/v1/jobs", json=digits_spec(epochs=20)).json()["id"]
     env = {**os.environ, "AETRAIN_REDIS_URL": settings.require_redis_url(),
@@ -164,13 +165,18 @@ def test_a_dispatcher_killed_after_its_claim_or_before_the_artifacts_is_taken_ov
             second.wait()
         finally:
             second.kill()
-        third = dispatcher_process("", "third")
+        # The third runs here, on the session's warm group: a process and a group fewer to
+        # start (~20 CPU-s).
+        third = make_dispatcher(store, storage, settings, ray_address, "third",
+                                pool=one_group_pool)  # fmt: skip
+        finishing = threading.Thread(target=third.run_forever, daemon=True)
+        finishing.start()
         try:
             done = wait_for(lambda: job()["state"] in {"succeeded", "failed"} and job(), 120,
                             "the third dispatcher to finish the job")  # fmt: skip
         finally:
-            third.terminate()
-            third.wait(timeout=60)
+            third.stop()
+            finishing.join(timeout=60)
     finally:
         first.kill()
     assert done["state"] == "succeeded", done["error"]

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -130,7 +131,7 @@ def test_a_stage_larger_than_the_cluster_fails_with_a_reason(
 def test_a_killed_stacked_job_resumes_at_the_stage_after_the_last_finished(
     client: TestClient, store: JobStore, storage: LocalStorage, settings: Settings,
     ray_address: str,
-    empty_group_pool: GroupPool,  # its CPUs for the dispatchers in processes of their own
+    one_group_pool: GroupPool,  # the other CPU for the dispatcher killed
 ) -> None:  # fmt: skip
     spec = example("stacked-digits.yaml", finetune=None, baseline=False)
     # Enough epochs that layer 3 is still training when the test sees it start (polled every
@@ -142,11 +143,13 @@ def test_a_killed_stacked_job_resumes_at_the_stage_after_the_last_finished(
            "AETRAIN_STORAGE": str(settings.storage_root), "RAY_ADDRESS": ray_address,
            "RAY_AUTH_MODE": "token", "AETRAIN_LEASE_TTL_S": "3"}  # fmt: skip
 
-    def start_worker() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "workers"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-
-    first = start_worker()
+    first = subprocess.Popen([sys.executable, "-m", "workers"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    # The one taking over runs here, on the session's warm group: a process and a group
+    # fewer to start (~20 CPU-s).
+    second = Dispatcher(store, storage, settings.require_redis_url(), ray_address,
+                        pool=one_group_pool)  # fmt: skip
+    taking_over = threading.Thread(target=second.run_forever, daemon=True)
     try:
 
         def layer3_running() -> bool:
@@ -158,15 +161,16 @@ def test_a_killed_stacked_job_resumes_at_the_stage_after_the_last_finished(
         wait_for(layer3_running, 200, "layer 3 to start training")
         first.send_signal(signal.SIGKILL)  # the dispatcher dies; its stage process dies with it
         first.wait()
-        second = start_worker()
+        taking_over.start()
         job = wait_for(
             lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] != "running" and j,
             200, "the job to finish after the takeover",
         )  # fmt: skip
-        second.terminate()
-        second.wait(timeout=60)
     finally:
         first.kill()
+        second.stop()
+        if taking_over.is_alive():
+            taking_over.join(timeout=60)
     assert job["state"] == "succeeded", job["error"]
     assert job["attempts"] == 2
     history = store.metrics_history(job_id)
