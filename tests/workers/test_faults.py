@@ -82,7 +82,7 @@ def test_a_killed_training_worker_is_restarted_from_the_latest_checkpoint(
     assert job["attempts"] == 1  # Ray restarted the worker group inside the same run
     starts = run_starts(store, job_id)
     assert starts[0] == 0 and len(starts) == 2, starts
-    assert starts[1] > 0 and starts[1] % 20 == 0, starts  # the epoch after a checkpoint
+    assert starts[1] > 0 and starts[1] % 10 == 0, starts  # the epoch after a checkpoint
 
 
 def test_a_job_whose_worker_dies_past_max_failures_fails_and_the_group_trains_the_next(
@@ -108,10 +108,10 @@ def test_a_job_whose_worker_dies_past_max_failures_fails_and_the_group_trains_th
 def test_a_hung_rank_is_caught_by_the_progress_deadline_and_the_stage_retried(
     client: TestClient, store: JobStore, dispatcher: Dispatcher
 ) -> None:
-    spec = digits_spec(epochs=70, workers=2, checkpoint_every=20)
+    spec = digits_spec(epochs=40, workers=2, checkpoint_every=10)
     spec["resources"].update(max_failures=1, progress_timeout_s=6)
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
-    training_past(client, job_id, 30)
+    training_past(client, job_id, 15)
     stopped = train_worker_pids()[-1]
     os.kill(stopped, signal.SIGSTOP)
     try:
@@ -125,7 +125,7 @@ def test_a_hung_rank_is_caught_by_the_progress_deadline_and_the_stage_retried(
     assert any("no epoch finished" in w and "restarted" in w for w in job["warnings"]), job
     starts = run_starts(store, job_id)
     assert starts[0] == 0 and len(starts) == 2, starts
-    assert starts[1] > 0 and starts[1] % 20 == 0, starts
+    assert starts[1] > 0 and starts[1] % 10 == 0, starts
 
 
 def test_a_dispatcher_killed_after_its_claim_or_before_the_artifacts_is_taken_over(
