@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypeAliasType
 
 DATASET_ID = re.compile(r"^ds-[0-9a-f]{24}$")
 MIN_ROWS = 10  # fewer leave nothing to validate on
@@ -40,6 +41,9 @@ class UploadedData(BaseModel):
     classes: int = Field(default=0, ge=0, le=MAX_CLASSES, description="0: no labels")
 
 
+LabelCounts = TypeAliasType("LabelCounts", dict[str, int])
+
+
 class DatasetInfo(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -47,7 +51,7 @@ class DatasetInfo(BaseModel):
     name: str
     shape: tuple[int, ...] = Field(description="shape of x, rows first")
     dtype: str = Field(description="dtype of x as uploaded; stored as float32")
-    label_counts: dict[str, int] | None = Field(description="samples per label; null: no y")
+    label_counts: LabelCounts | None = Field(description="samples per label; null: no y")
     size_bytes: int = Field(description="size of the uploaded file")
     sha256: str
     created_at: datetime

@@ -7,6 +7,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypeAliasType
 
 from shared.errors import InvalidTransition
 from shared.metrics import Metrics
@@ -94,6 +95,10 @@ class StageRecord(BaseModel):
     )
 
 
+# Named, so OpenAPI clients get a `ResultSummary`, not a `JobRecordResultType0`.
+ResultSummary = TypeAliasType("ResultSummary", dict[str, Any])
+
+
 class JobRecord(BaseModel):
     """What Redis stores about a job; it changes only through `advance()` and `with_stage()`."""
 
@@ -121,7 +126,7 @@ class JobRecord(BaseModel):
     attempts: int = Field(default=0, description="how many runs were started (takeovers count)")
     takeovers: int = Field(default=0, description="runs that ended with their runner lost")
     cancel_requested: bool = False
-    result: dict[str, Any] | None = Field(
+    result: ResultSummary | None = Field(
         default=None, description="final metrics, artifact names and their folder"
     )
     spec: JobSpec

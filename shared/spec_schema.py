@@ -26,8 +26,33 @@ Schema = dict[str, Any]
 
 
 def model_schema() -> Schema:
-    """pydantic's JSON schema of a job spec, as it makes it: the tables are drawn from this."""
-    return JOB_SPEC_ADAPTER.json_schema(mode="validation")
+    """pydantic's JSON schema of a job spec, its named literals written in place: the tables
+    are drawn from this.
+
+    The named literals (`Activation`, `Loss`, ...) are definitions of their own so that the
+    OpenAPI document and the clients generated from it name each once; a reader of a field's
+    row wants its values there, not a link to a one-line table.
+    """
+    schema = JOB_SPEC_ADAPTER.json_schema(mode="validation")
+    defs: dict[str, Schema] = schema["$defs"]
+    named = {name: body for name, body in defs.items() if "properties" not in body}
+    inlined: Schema = _inline(schema, named)
+    inlined["$defs"] = {name: _inline(body, named) for name, body in defs.items()
+                        if name not in named}  # fmt: skip
+    return inlined
+
+
+def _inline(node: Any, named: dict[str, Schema]) -> Any:
+    if isinstance(node, list):
+        return [_inline(item, named) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _inline(value, named) for key, value in node.items() if key != "$defs"}
+    ref = node.get("$ref")
+    if ref is not None and _ref_name(ref) in named:
+        node.pop("$ref")
+        return {**named[_ref_name(ref)], **node}
+    return node
 
 
 def spec_schema() -> Schema:

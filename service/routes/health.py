@@ -1,11 +1,12 @@
 """Liveness and readiness: cheap enough for a probe every second, and telling nobody secrets."""
 
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from service.deps import StoreDep
 from service.guards import bearer_token
@@ -14,10 +15,14 @@ from shared.store import JobStore
 router = APIRouter(tags=["health"])
 
 
+class Liveness(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+def healthz() -> Liveness:
     """The API process is alive."""
-    return {"status": "ok"}
+    return Liveness()
 
 
 @router.get("/readyz", response_model=None)

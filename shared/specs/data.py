@@ -4,6 +4,7 @@ import math
 from typing import Literal
 
 from pydantic import Field, JsonValue, field_validator, model_validator
+from typing_extensions import TypeAliasType
 
 from shared.datasets import DATASET_ID, UploadedData
 from shared.specs.base import FrozenSpec
@@ -27,10 +28,13 @@ N_SAMPLES_DEFAULT = 2000
 _BUILTIN_NAMES: list[JsonValue] = [*sorted(BUILTIN_DATASETS)]
 DATASET_SCHEMA: dict[str, JsonValue] = {
     "anyOf": [
-        {"type": "string", "enum": _BUILTIN_NAMES},
-        {"type": "string", "pattern": DATASET_ID.pattern},
+        {"type": "string", "enum": _BUILTIN_NAMES, "title": "BuiltinDataset"},
+        {"type": "string", "pattern": DATASET_ID.pattern, "title": "UploadId"},
     ]
 }
+
+
+Normalization = TypeAliasType("Normalization", Literal["minmax", "standard", "none"])
 
 
 class DataSpec(FrozenSpec):
@@ -51,7 +55,7 @@ class DataSpec(FrozenSpec):
         description="seed of the splits and of generated datasets; in a semisupervised job "
         "also of the labeled subset and the initial weights",
     )  # fmt: skip
-    normalize: Literal["minmax", "standard", "none"] = Field(
+    normalize: Normalization = Field(
         default="minmax",
         description="minmax: into [0, 1]; standard: zero mean, unit variance; none: raw. "
         "Fitted on the training split, per feature (one statistic for all pixels of images)",

@@ -4,12 +4,14 @@ import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+from typing_extensions import TypeAliasType
 
 from shared.specs.base import FrozenSpec
 
 MAX_PARAMETERS = 50_000_000
 
-Activation = Literal["relu", "sigmoid", "tanh", "gelu", "linear"]
+# A named type: OpenAPI documents it once, and generated clients get one `Activation` enum.
+Activation = TypeAliasType("Activation", Literal["relu", "sigmoid", "tanh", "gelu", "linear"])
 HIDDEN_ACTIVATION_DEFAULT: Activation = "relu"
 Width = Annotated[int, Field(ge=1, le=8192)]
 

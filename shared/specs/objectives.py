@@ -3,6 +3,7 @@
 from typing import Annotated, Literal
 
 from pydantic import Field
+from typing_extensions import TypeAliasType
 
 from shared.specs.base import FrozenSpec
 
@@ -69,10 +70,13 @@ DenoisingSpec = Annotated[
 ]
 
 
+Loss = TypeAliasType("Loss", Literal["mse", "bce"])
+
+
 class ObjectiveSpec(FrozenSpec):
     """`objective`: the reconstruction loss and the regularizers added to it."""
 
-    loss: Literal["mse", "bce"] = Field(
+    loss: Loss = Field(
         default="mse",
         description="mse, or bce for inputs in [0, 1] (needs data.normalize: minmax; the "
         "decoder then ends in a sigmoid)",

@@ -3,6 +3,7 @@
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
+from typing_extensions import TypeAliasType
 
 from shared.specs.autoencoder import autoencoder_warnings, check_autoencoder
 from shared.specs.base import FrozenSpec
@@ -12,7 +13,7 @@ from shared.specs.objectives import ObjectiveSpec
 from shared.specs.stacked import FinetuneSpec, LayerSpec, check_stack, stack_warnings
 from shared.specs.training import JobSpecBase, ResourcesSpec, TrainingSpec, checkpoint_warnings
 
-HeadMethod = Literal["mlp", "joint", "label_spreading"]
+HeadMethod = TypeAliasType("HeadMethod", Literal["mlp", "joint", "label_spreading"])
 RECONSTRUCTION_WEIGHT_DEFAULT = 1.0
 NEIGHBORS_DEFAULT = 10
 # Zhou et al. (2004) spread with alpha 0.99: labels travel far along the graph.

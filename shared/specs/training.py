@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
+from typing_extensions import TypeAliasType
 
 from shared.specs.base import FrozenSpec
 
@@ -10,6 +11,7 @@ if TYPE_CHECKING:
     from shared.specs.stacked import FinetuneSpec
 
 CHECKPOINT_EVERY_DEFAULT = 5
+Optimizer = TypeAliasType("Optimizer", Literal["adam", "adamw", "sgd"])
 
 
 class TrainingSpec(FrozenSpec):
@@ -19,9 +21,7 @@ class TrainingSpec(FrozenSpec):
     batch_size: int = Field(
         default=128, ge=1, le=65_536, description="global: split over the DDP ranks"
     )
-    optimizer: Literal["adam", "adamw", "sgd"] = Field(
-        default="adam", description="adam, adamw, or sgd (momentum 0.9)"
-    )
+    optimizer: Optimizer = Field(default="adam", description="adam, adamw, or sgd (momentum 0.9)")
     lr: float = Field(default=1e-3, gt=0.0, le=10.0, description="learning rate")
     weight_decay: float = Field(
         default=0.0, ge=0.0, le=1.0, description="L2 penalty (adam, sgd); decoupled (adamw)"

@@ -83,6 +83,13 @@ def test_a_client_generated_from_the_document_submits_and_reads_a_job(
     assert generated.returncode == 0, generated.stdout + generated.stderr
     took_s = time.monotonic() - started
     print(f"openapi-python-client generated {package.name} in {took_s:.1f} s")
+    # Names someone would write: one enum per literal the spec models share, a name for each
+    # free-form object, never a numbered member of a union (`JobRecordResultType0`).
+    generated = {path.stem for path in (package / "models").glob("*.py")}
+    assert not [name for name in generated if re.search(r"type_\d", name)], sorted(generated)
+    assert {"activation", "loss", "optimizer", "normalization", "head_method", "result_summary",
+            "label_counts", "liveness"} <= generated  # fmt: skip
+    assert not {"dense_model_spec_activation", "layer_spec_activation"} & generated
 
     sys.path.insert(0, str(tmp_path))
     try:
