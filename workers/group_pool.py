@@ -12,8 +12,10 @@ beating (frozen, or dead) ends itself (warm_group.py).
 """
 
 import logging
+import os
 import queue
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -36,6 +38,55 @@ log = logging.getLogger("aetrain.groups")
 MAINTAIN_S = 0.5
 WAIT_GRACE_S = 1.0  # an idle group is let go for a waiting stage after this long idle
 DEFAULT_SHAPE = GroupShape(workers=1, cpus_per_worker=1, gpus_per_worker=0)
+
+
+GROUP_FOLDER_PREFIX = "aetrain-group-"
+OWNER_FILE = "owner"  # host, pid and start of the dispatcher whose group the folder is
+
+
+def _started(pid: int) -> str:
+    """When a process started (clock ticks since boot; "" where /proc has no answer): with
+    its pid, it tells the process from a later one given the same pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner_line() -> str:
+    pid = os.getpid()
+    return f"{socket.gethostname()} {pid} {_started(pid)}".rstrip()
+
+
+def _owner_gone(line: str) -> bool:
+    """Whether the dispatcher an owner line names is certainly gone; False when unsure (another
+    host's, say, where a folder in a shared temporary folder is not ours to judge)."""
+    host, pid_text, *started = line.split()
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return bool(started) and _started(int(pid_text)) not in ("", started[0])
+
+
+def sweep_orphaned_group_folders(root: Path | None = None) -> list[Path]:
+    """Delete the group folders of dispatchers that are gone: one killed outright (SIGKILL, a
+    crash) never retired its groups, and nothing else removes their folders (config, log, Ray
+    Train's run folder). Folders without an owner file are left alone."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{GROUP_FOLDER_PREFIX}*"):
+        try:
+            line = (folder / OWNER_FILE).read_text()
+        except OSError:
+            continue
+        if _owner_gone(line):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -98,6 +149,8 @@ class GroupPool:
     def start(self) -> "GroupPool":
         with self._lock:
             if self._thread is None:
+                for folder in sweep_orphaned_group_folders():
+                    log.info("removed %s: its dispatcher is gone", folder)
                 self.launcher.start()  # its imports, while nothing waits for a group yet
                 self._closed.clear()
                 self._thread = threading.Thread(target=self._maintain_forever,
@@ -265,7 +318,8 @@ class GroupPool:
         self, shape: GroupShape, group_id: str | None = None, busy: bool = False
     ) -> WarmGroup:
         group_id = group_id or self._new_id()
-        folder = Path(tempfile.mkdtemp(prefix=f"aetrain-group-{group_id}-"))
+        folder = Path(tempfile.mkdtemp(prefix=f"{GROUP_FOLDER_PREFIX}{group_id}-"))
+        (folder / OWNER_FILE).write_text(owner_line())
         config = GroupConfig(
             group_id=group_id, shape=shape, redis_url=self.settings.redis_url,
             key_prefix=self.store.prefix, ray_address=self.settings.ray_address,
