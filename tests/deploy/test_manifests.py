@@ -5,6 +5,8 @@ Every compose and Kubernetes document is validated against an offline copy of it
 Ray's) without running it, and every variable deploy/ sets is one aetrain or Ray reads.
 """
 
+import copy
+import json
 import re
 from typing import Any
 
@@ -16,6 +18,7 @@ from pydantic import AliasChoices
 from shared.locations import AWS_VARIABLES
 from shared.settings import Settings
 from tests.deploy import manifests as m
+from tests.deploy import refresh_raycluster_schema as refresh
 from tests.deploy.manifests import Container, Doc
 
 # Variables deploy/ sets that aetrain does not read, and who does. An AETRAIN_* name can
@@ -76,11 +79,32 @@ def test_compose_file_follows_the_compose_specification(read: Any) -> None:
     assert schema_errors(m.load_schema("compose-spec.json"), read()) == []
 
 
+# What a RayCluster embeds from Kubernetes, which KubeRay's CRD types loosely (metadata: any
+# object) or as of the Kubernetes release KubeRay built against: checked as v1.30 objects too.
+POD_TEMPLATE = {"$ref": "#/$defs/io.k8s.api.core.v1.PodTemplateSpec"}
+RAYCLUSTER_KUBERNETES_PARTS = {
+    "properties": {
+        "metadata": {"$ref": "#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"},
+        "spec": {
+            "properties": {
+                "headGroupSpec": {"properties": {"template": POD_TEMPLATE}},
+                "workerGroupSpecs": {"items": {"properties": {"template": POD_TEMPLATE}}},
+            }
+        },
+    }
+}
+
+
 def schema_for(doc: Doc) -> dict[str, Any]:
     k8s = m.load_schema("kubernetes-v1.30.0.json")
     if doc.body.get("apiVersion") == "ray.io/v1" and doc.kind == "RayCluster":
-        ray = m.load_schema("raycluster-ray.io-v1.json")
-        return {**ray, "$defs": {**k8s["$defs"], **ray["$defs"]}}  # its pods are k8s pods
+        ray = m.load_schema("raycluster-ray.io-v1.json")  # KubeRay's CRD, self-contained
+        crd = {k: v for k, v in ray.items() if k not in ("$schema", "$comment")}
+        return {
+            "$schema": ray["$schema"],
+            "allOf": [crd, RAYCLUSTER_KUBERNETES_PARTS],
+            "$defs": k8s["$defs"],
+        }
     key = f"{doc.body.get('apiVersion')} {doc.kind}"
     assert key in k8s["kinds"], (
         f"{doc.id}: no vendored schema for {key}; add it in tests/deploy/refresh_schemas.py"
@@ -99,6 +123,140 @@ def test_kubernetes_manifest_follows_its_schema(doc: Doc) -> None:
 def test_vendored_schema_is_a_valid_json_schema(name: str) -> None:
     schema = m.load_schema(name)
     jsonschema.validators.validator_for(schema).check_schema(schema)
+
+
+def misspelt(body: dict[str, Any], where: str, key: str, typo: str) -> dict[str, Any]:
+    """A copy of the RayCluster `body` with `key` of the object at `where` renamed `typo`."""
+    body = copy.deepcopy(body)
+    node: Any = body
+    for step in where.split("/"):
+        node = node[int(step) if step.isdigit() else step]
+    node[typo] = node.pop(key)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "typo"),
+    [
+        ("spec", "enableInTreeAutoscaling", "enableInTreeAutoScaling"),
+        ("spec/headGroupSpec", "rayStartParams", "rayStartParam"),
+        ("spec/workerGroupSpecs/1", "rayStartParams", "rayStartParam"),
+    ],
+    ids=["spec", "headGroupSpec", "workerGroupSpec"],
+)
+def test_a_misspelt_raycluster_key_fails(where: str, key: str, typo: str) -> None:
+    """The API server would prune the unknown key silently: the schema must not."""
+    (doc,) = m.docs_of("RayCluster")
+    body = misspelt(doc.body, where, key, typo)
+    expected = [f"{where}: Additional properties are not allowed ('{typo}' was unexpected)"]
+    assert schema_errors(m.load_schema("raycluster-ray.io-v1.json"), body) == expected
+    assert schema_errors(schema_for(doc), body) == expected
+
+
+def test_a_raycluster_is_also_checked_as_kubernetes_objects() -> None:
+    """The CRD takes any metadata; Kubernetes' ObjectMeta and PodTemplateSpec check it too."""
+    (doc,) = m.docs_of("RayCluster")
+    crd = m.load_schema("raycluster-ray.io-v1.json")
+    body = misspelt(doc.body, "metadata", "labels", "label")
+    assert schema_errors(crd, body) == []
+    assert schema_errors(schema_for(doc), body) == [
+        "metadata: Additional properties are not allowed ('label' was unexpected)"
+    ]
+    where = "spec/workerGroupSpecs/0/template/spec/containers/0"
+    body = misspelt(doc.body, where, "resources", "resource")
+    error = f"{where}: Additional properties are not allowed ('resource' was unexpected)"
+    assert schema_errors(crd, body) == [error]
+    assert schema_errors(schema_for(doc), body) == [error, error]  # by the CRD and by v1.30
+
+
+def test_raycluster_schema_is_generated_from_kuberays_crd() -> None:
+    """The vendored file is refresh_raycluster_schema.py's output, not an edited copy."""
+    schema = m.load_schema("raycluster-ray.io-v1.json")
+    comment = schema["$comment"]
+    assert refresh.KUBERAY_COMMIT in comment and refresh.CRD_PATH in comment
+    assert refresh.CRD_SHA256 in comment and refresh.COMMAND in comment
+    assert "python -m tests.deploy.refresh_raycluster_schema" in (refresh.__doc__ or "")
+    assert schema["properties"]["apiVersion"] == {"const": "ray.io/v1"}
+    assert schema["properties"]["kind"] == {"const": "RayCluster"}
+    left = [key for key in keys_of_schemas(schema) if key in refresh.DROPPED or key == "nullable"]
+    assert left == []
+    text = json.dumps(schema)
+    assert "x-kubernetes-" not in text and '"description": "' not in text
+    # the groups' fields as the CRD of KubeRay 1.7 has them
+    spec = schema["properties"]["spec"]
+    assert spec["additionalProperties"] is False
+    worker = spec["properties"]["workerGroupSpecs"]["items"]
+    assert {"groupName", "rayStartParams", "template", "numOfHosts"} <= set(worker["properties"])
+
+
+def keys_of_schemas(node: dict[str, Any]) -> list[str]:
+    """The keywords of `node` and every schema inside it (not property names, not defaults)."""
+    keys = list(node)
+    children = [*node.get("properties", {}).values(), *node.get("allOf", [])]
+    children += [*node.get("anyOf", []), *node.get("oneOf", [])]
+    children += [node[k] for k in ("items", "additionalProperties", "not") if k in node]
+    for child in children:
+        if isinstance(child, dict):
+            keys += keys_of_schemas(child)
+    return keys
+
+
+def test_crd_schemas_are_converted_as_openapi2jsonschema_strict_does() -> None:
+    openapi = {
+        "type": "object",
+        "description": "dropped",
+        "properties": {
+            "description": {"type": "string", "description": "a field named description"},
+            "port": {"x-kubernetes-int-or-string": True},
+            "quantity": {
+                "anyOf": [{"type": "integer"}, {"type": "string"}],
+                "x-kubernetes-int-or-string": True,
+            },
+            "when": {"type": "string", "format": "date-time", "nullable": True},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "config": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "properties": {"known": {"type": "integer"}},
+            },
+            "ports": {
+                "type": "array",
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string"}},
+                    "x-kubernetes-map-type": "atomic",
+                },
+            },
+            "managedBy": {"type": "string", "x-kubernetes-validations": [{"rule": "true"}]},
+        },
+    }
+    assert refresh.convert(openapi) == {
+        "type": "object",
+        "properties": {
+            "description": {"type": "string"},
+            "port": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+            "quantity": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+            "when": {"type": ["string", "null"], "format": "date-time"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "config": {"type": "object", "properties": {"known": {"type": "integer"}}},
+            "ports": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string"}},
+                    "additionalProperties": False,
+                },
+            },
+            "managedBy": {"type": "string"},
+        },
+        "additionalProperties": False,
+    }
+    with pytest.raises(ValueError, match=r"/x: no conversion for \['x-kubernetes-new'\]"):
+        refresh.convert({"properties": {"x": {"x-kubernetes-new": True}}})
 
 
 # -- commands --------------------------------------------------------------------------------------
