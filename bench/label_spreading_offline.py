@@ -19,37 +19,15 @@ import time
 
 import numpy as np
 import torch
+from label_spreading_representations import EXAMPLE, codes_of
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from sklearn.semi_supervised import LabelSpreading
-from torch import nn
 
 NEIGHBORS, ALPHA = 10, 0.99
 SERVICE = ("train", "train", "raw")  # what the service does today (workers/tasks.py)
-
-
-def autoencoder_codes(x_fit: np.ndarray, x_all: np.ndarray, seed: int) -> np.ndarray:
-    torch.manual_seed(seed)
-    encoder = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                            nn.Linear(128, 32))  # fmt: skip
-    decoder = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 256), nn.ReLU(),
-                            nn.Linear(256, 64))  # fmt: skip
-    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=0.002)
-    data, generator = torch.from_numpy(x_fit), torch.Generator().manual_seed(seed)
-    for _ in range(200):
-        order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(data), 64):
-            batch = data[order[start : start + 64]]
-            noisy = batch + 0.2 * torch.randn_like(batch)
-            loss = ((decoder(encoder(noisy)) - batch) ** 2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        codes: np.ndarray = encoder(torch.from_numpy(x_all)).numpy()
-    return codes
 
 
 def accuracies(seed: int) -> dict[tuple[str, str, str], float]:
@@ -63,7 +41,7 @@ def accuracies(seed: int) -> dict[tuple[str, str, str], float]:
                                   random_state=seed, stratify=y[train])  # fmt: skip
     found = {}
     for fitted_on, fit in (("train", train), ("train+val", rest)):
-        codes = autoencoder_codes(scaled[fit], scaled, seed)
+        codes = codes_of(EXAMPLE, scaled[fit], scaled, seed)
         for spans, points in (("train", train), ("train+val", np.concatenate([train, val]))):
             for scaling in ("raw", "standardized"):
                 rep = codes
@@ -94,15 +72,18 @@ def main() -> None:
         print(f"seed {seed}: {time.monotonic() - started:.0f} s", flush=True)
     base = runs[SERVICE]
     print(f"\ndigits, 5% of the training labels ({len(args.seeds)} seeds), test accuracy %:")
-    print("| autoencoder fitted on | graph over | codes | accuracy | vs the service's | "
-          "paired SE |")
+    print(
+        "| autoencoder fitted on | graph over | codes | accuracy | vs the service's | paired SE |"
+    )
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for variant, accs in sorted(runs.items(), key=lambda kv: -statistics.mean(kv[1])):
         diffs = [a - b for a, b in zip(accs, base, strict=True)]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
-        print(f"| {variant[0]} | {variant[1]} | {variant[2]} | {statistics.mean(accs):.1f} ± "
-              f"{spread:.1f} | {statistics.mean(diffs):+.1f} | {se:.1f} |")
+        print(
+            f"| {variant[0]} | {variant[1]} | {variant[2]} | {statistics.mean(accs):.1f} ± "
+            f"{spread:.1f} | {statistics.mean(diffs):+.1f} | {se:.1f} |"
+        )
 
 
 if __name__ == "__main__":
