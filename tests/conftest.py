@@ -199,8 +199,13 @@ def s3_url(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_address() -> Iterator[str]:
-    """One local Ray for the whole session (it takes seconds to start on 2 cores)."""
+def ray_address(s3_endpoint: str) -> Iterator[str]:
+    """One local Ray for the whole session (it takes seconds to start on 2 cores).
+
+    The S3 server's variables are set first: a warm group's ranks get the AWS settings its
+    driver had when it started (workers/warm_group.py), and the session's groups outlive
+    the test that started them. A group started before them served a later test's job in
+    the bucket with AWS's own endpoint (a CI failure)."""
     import ray
 
     from workers.main import quiet_log_monitor
