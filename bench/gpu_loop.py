@@ -6,9 +6,9 @@ bench/gpu_check.sh runs it (once, and with 2 processes where there are 2+ GPUs).
 trains the digits example (tests/specs.py digits_spec) three ways, one after the other:
 
     (a) service    workers.train_loop.train_stage as a warm group's rank runs it, without Ray
-                   or Redis (store and channel None: no metrics, no lease check): a DataLoader
-                   over the training set in host memory, each batch copied to the device, one
-                   checkpoint (at the end) written to a temporary folder
+                   or Redis (store and channel None: no metrics, no lease check): its batches
+                   (workers/batches.py) taken by index from the training set, copied to the
+                   device once; one checkpoint (at the end) written to a temporary folder
     (b) bare fp32  the same model, initial weights, optimizer and loss; the whole training set
                    one tensor on the device, batches taken by a shuffled index tensor
     (c) bare bf16  (b) under torch.autocast(bfloat16)

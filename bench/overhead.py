@@ -65,9 +65,10 @@ def train_epochs(spec_doc: dict[str, Any], rank: int, world_size: int,
     optimizer are train_loop.train_stage's; `wrap` is DDP or Ray's prepare_model."""
     import numpy as np
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+    from torch.utils.data import DistributedSampler, TensorDataset
 
     from shared.specs import parse_job_spec
+    from workers.batches import IndexedBatches
     from workers.checkpoints import unwrap
     from workers.tasks import build_task, find_stage, init_seed
 
@@ -81,11 +82,11 @@ def train_epochs(spec_doc: dict[str, Any], rank: int, world_size: int,
     task = build_task(spec, find_stage(spec, "train"), {}, None)
     training = task.training
     seed_everything(training.seed + rank)
-    train_set = TensorDataset(*(torch.from_numpy(a) for a in task.arrays))
-    sampler: Any = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=training.seed)  # fmt: skip
-    loader = DataLoader(train_set, batch_size=max(1, training.batch_size // world_size),
-                        sampler=sampler)  # fmt: skip
+    train_set = [torch.from_numpy(a) for a in task.arrays]
+    sampler: Any = DistributedSampler(TensorDataset(*train_set), num_replicas=world_size,
+                                      rank=rank, shuffle=True, seed=training.seed)  # fmt: skip
+    loader = IndexedBatches(train_set, sampler, max(1, training.batch_size // world_size),
+                            torch.device("cpu"))  # fmt: skip
     model = wrap(task.model)
     # train_loop.make_optimizer's choice, copied: importing it would import Ray.
     params = [p for p in model.parameters() if p.requires_grad]

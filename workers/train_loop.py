@@ -23,13 +23,14 @@ import redis
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DistributedSampler, TensorDataset
 
 from shared import locations
 from shared.group_channel import GroupChannel, StageOutcome, StageTask
 from shared.metrics import json_safe
 from shared.specs import parse_job_spec
 from shared.store import JobStore
+from workers.batches import IndexedBatches
 from workers.checkpoints import latest_valid_checkpoint, prune_run, restore, save_checkpoint, unwrap
 from workers.tasks import build_task, checkpoints_to_keep, find_stage, init_seed, lr_field
 
@@ -126,13 +127,15 @@ def train_stage(
     training = built.training
     seed_everything(training.seed + rank)  # per-rank stream for noise and projections
 
-    train_set = TensorDataset(*(torch.from_numpy(a) for a in built.arrays))
+    train_set = [torch.from_numpy(a) for a in built.arrays]
+    n_train = len(train_set[0])
     # batch_size is global: each of the world_size ranks takes its share of every step.
     sampler = DistributedSampler(
-        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=training.seed
-    )
+        TensorDataset(*train_set), num_replicas=world_size, rank=rank, shuffle=True,
+        seed=training.seed,
+    )  # fmt: skip
     per_rank_batch = max(1, training.batch_size // world_size)
-    train_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler)
+    train_batches = IndexedBatches(train_set, sampler, per_rank_batch, device)
 
     model = prepare(built.model)
     optimizer = make_optimizer(model, training.optimizer, training.lr, training.weight_decay)
@@ -158,10 +161,10 @@ def train_stage(
             sampler.set_epoch(epoch)  # else every epoch repeats one order
             model.train()
             loss_sum, batches = torch.zeros(2, device=device), 0
-            for batch in train_loader:
+            for batch in train_batches:
                 if watch.should_stop():
                     return ended(**{watch.reason or "stopped": True})
-                loss = built.loss(model, [t.to(device) for t in batch])
+                loss = built.loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -178,7 +181,7 @@ def train_stage(
                     "train_loss": train_loss,
                     **built.evaluate(unwrap(model)),
                     "epoch_seconds": seconds,
-                    "samples_per_s": len(train_set) / seconds,
+                    "samples_per_s": n_train / seconds,
                 }
                 if not publish(store, task, epoch, metrics):
                     watch.lease_lost()
