@@ -208,9 +208,9 @@ def ray_address(s3_endpoint: str) -> Iterator[str]:
     the bucket with AWS's own endpoint (a CI failure)."""
     import ray
 
-    from workers.main import quiet_log_monitor
+    from workers.main import quiet_local_ray
 
-    quiet_log_monitor()
+    quiet_local_ray()
     # A node that dies is seen dead in ~5 s rather than Ray's 15 (tests/e2e/test_two_nodes.py).
     health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,

@@ -16,16 +16,25 @@ from workers.dispatcher import Dispatcher
 from workers.metrics import DispatcherMetrics
 
 
-def quiet_log_monitor() -> None:
-    """Ray's log monitor (a process of every local Ray) globs its log folder every 0.1 s while
-    it holds under 1,000 files, and each warm group adds about ten: measured at ~2% of a core
-    per cluster over a test session. New files are looked for every 5 s instead: the
-    dispatcher reads no logs through Ray (log_to_driver is off), and the warm groups' drivers,
-    which copy their ranks' lines into their group.log, get a new worker's lines up to 5 s
-    later. Set before `ray.init` starts the monitor, which inherits this environment; an
-    operator's own values win."""
+def quiet_local_ray() -> None:
+    """Settings for a local Ray that this process starts, which its processes inherit from
+    this environment (set before `ray.init`; an operator's own values win).
+
+    Ray's log monitor globs its log folder every 0.1 s while it holds under 1,000 files, and
+    each warm group adds about ten: measured at ~2% of a core per cluster over a test session.
+    New files are looked for every 5 s instead: the dispatcher reads no logs through Ray
+    (log_to_driver is off), and the warm groups' drivers, which copy their ranks' lines into
+    their group.log, get a new worker's lines up to 5 s later.
+
+    Ray keeps as many idle worker processes as the node has CPUs, started with the first
+    driver, for tasks. Nothing of ours runs a task: a warm group's actors have a runtime
+    environment of their own, so they never take an idle worker. The two idle workers of a
+    2-CPU node cost ~1.2 CPU-s a minute, a fifth of an idle cluster's CPU; none are kept.
+    """
     os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
     os.environ.setdefault("LOG_NAME_UPDATE_INTERVAL_S", "5")
+    os.environ.setdefault("RAY_num_workers_soft_limit", "0")
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 
 def connect_ray(address: str | None) -> str:
@@ -33,7 +42,7 @@ def connect_ray(address: str | None) -> str:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        quiet_log_monitor()
+        quiet_local_ray()
         # address="local": never attach to some other Ray that happens to run on this machine.
         ray.init(
             address="local",

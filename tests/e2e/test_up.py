@@ -1,5 +1,6 @@
 """`aetrain up` as a user runs it: submit the example with the CLI, stop, start, find it all;
-and Redis killed with SIGKILL mid-traffic under it."""
+then, on its worst day, the whole stack (API, dispatcher, Ray, redis-server and `up` itself)
+killed at once and started again; and Redis alone killed with SIGKILL mid-traffic under it."""
 
 import json
 import os
@@ -16,27 +17,27 @@ import pytest
 import yaml
 
 from tests.conftest import descendants, free_port
-from workers.group_pool import GroupPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "digits-dense.yaml"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+LONG_EPOCHS, CHECKPOINT_EVERY = 150, 30
 
 
 class UpProcess:
-    def __init__(self, home: Path, port: int, ray_address: str) -> None:
+    def __init__(self, home: Path, port: int) -> None:
         self.home, self.port = home, port
         self.url = f"http://127.0.0.1:{port}"
-        # The session's Ray stands in for the local one `up` would start (seconds saved).
         self.env = {
             **os.environ,
             "AETRAIN_HOME": str(home),
-            "RAY_ADDRESS": ray_address,
             "RAY_AUTH_MODE": "token",
             "AETRAIN_URL": self.url,
         }
+        # `up` starts a Ray of its own, as a user's does.
+        self.env.pop("RAY_ADDRESS", None)
         self.env.pop("AETRAIN_REDIS_URL", None)
         self.process: subprocess.Popen[str] | None = None
 
@@ -71,21 +72,18 @@ class UpProcess:
 
 
 @pytest.fixture
-def up(tmp_path: Path, ray_address: str) -> Iterator[UpProcess]:
-    stack = UpProcess(tmp_path / ".aetrain", free_port(), ray_address)
+def up(tmp_path: Path) -> Iterator[UpProcess]:
+    stack = UpProcess(tmp_path / ".aetrain", free_port())
     yield stack
     if stack.process is not None and stack.process.poll() is None:
         stack.process.kill()
 
 
 @pytest.fixture(scope="module")
-def shared_up(
-    tmp_path_factory: pytest.TempPathFactory, ray_address: str, shared_pool: GroupPool
-) -> Iterator[UpProcess]:
-    """One `aetrain up` on the session's Ray that the module's tests take turns on: a start
-    costs ~25 CPU-s on 2 cores (Redis, the dispatcher, the API and a warm group)."""
-    shared_pool.retire_idle()  # the stack's own Redis does not see the session pool's holds
-    stack = UpProcess(tmp_path_factory.mktemp("up") / ".aetrain", free_port(), ray_address)
+def shared_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    """One `aetrain up` that the module's tests take turns on (a start costs ~25 CPU-s on 2
+    cores: Redis, its Ray, the dispatcher, the API and a warm group)."""
+    stack = UpProcess(tmp_path_factory.mktemp("up") / ".aetrain", free_port())
     # `up` holds a crashed Redis down for 4 s before it starts it again, so the outage is
     # there to observe whoever wins the race (it once had Redis back before the first probe).
     stack.env["AETRAIN_FAULT_RESTART_DELAY_S"] = "4"
@@ -106,7 +104,8 @@ def wait_for_job(
     raise AssertionError(f"job {job_id} did not get there: {job}")
 
 
-def test_up_runs_the_example_and_a_restart_keeps_every_job(
+@pytest.mark.timeout(420)
+def test_up_runs_the_example_and_keeps_every_job_through_a_stop_and_a_kill_of_everything(
     shared_up: UpProcess, tmp_path: Path
 ) -> None:
     up = shared_up
@@ -122,10 +121,12 @@ def test_up_runs_the_example_and_a_restart_keeps_every_job(
     httpx.post(f"{up.url}/v1/jobs/{cancelled_id}/cancel")
     wait_for_job(up.url, cancelled_id, lambda j: j["state"] == "cancelled")
 
-    # A job still training when `up` stops goes back to the queue and resumes after the restart.
-    long_spec = _example(epochs=150, checkpoint_every=50)
-    long_id = httpx.post(f"{up.url}/v1/jobs", json=long_spec).json()["id"]
-    wait_for_job(up.url, long_id, lambda j: (j["epoch"] or 0) >= 60)
+    # A job still training when `up` stops goes back to the queue and resumes after the
+    # restart; still training when everything is killed at once, it resumes again.
+    long_id = httpx.post(
+        f"{up.url}/v1/jobs", json=_example(epochs=LONG_EPOCHS, checkpoint_every=CHECKPOINT_EVERY)
+    ).json()["id"]
+    wait_for_job(up.url, long_id, lambda j: (j["epoch"] or 0) >= 40)
 
     out = up.stop()
     assert "aetrain stopped." in out
@@ -141,16 +142,41 @@ def test_up_runs_the_example_and_a_restart_keeps_every_job(
     assert pulled.returncode == 0, pulled.stderr
     assert (tmp_path / "encoder.pt").stat().st_size > 1000
 
-    resumed = wait_for_job(up.url, long_id, lambda j: j["state"] in TERMINAL)
-    assert resumed["state"] == "succeeded", resumed["error"]
-    assert resumed["attempts"] == 2
+    wait_for_job(up.url, long_id, lambda j: j["attempts"] == 2 and (j["epoch"] or 0) >= 100,
+                 timeout_s=180)  # fmt: skip
+    short_ids = [httpx.post(f"{up.url}/v1/jobs", json=_example(epochs=3)).json()["id"]
+                 for _ in range(2)]  # fmt: skip
+    kill_everything(up)
+    # The same AETRAIN_HOME again, with the stale files of a Ray and processes killed at once.
+    up.start()
+    jobs = {i: wait_for_job(up.url, i, lambda j: j["state"] in TERMINAL, 240)
+            for i in [long_id, *short_ids]}  # fmt: skip
+    assert [j["state"] for j in jobs.values()] == ["succeeded"] * 3, jobs
+    assert jobs[long_id]["attempts"] == 3
+    assert httpx.get(f"{up.url}/v1/jobs/{job_id}").json()["state"] == "succeeded"
     lines = httpx.get(f"{up.url}/v1/jobs/{long_id}/artifacts/metrics.jsonl").text.splitlines()
     history = [json.loads(line) for line in lines]
-    assert [m["epoch"] for m in history] == list(range(150))
-    second_run = [m["epoch"] for m in history if m["token"] == max(h["token"] for h in history)]
-    # The second run starts right after a checkpoint (every 50 epochs), not from epoch 0.
-    assert second_run[0] >= 50 and second_run[0] % 50 == 0, second_run[:3]
-    # Left running for the next test; the stop above was the one under test.
+    assert [m["epoch"] for m in history] == list(range(LONG_EPOCHS))
+    runs = sorted({m["token"] for m in history})
+    assert len(runs) == 3, runs
+    # Each later run starts right after a checkpoint, not from epoch 0.
+    for token in runs[1:]:
+        first = next(m["epoch"] for m in history if m["token"] == token)
+        assert first >= CHECKPOINT_EVERY and first % CHECKPOINT_EVERY == 0, (token, first)
+    # Left running for the next test.
+
+
+def kill_everything(up: UpProcess) -> None:
+    """SIGKILL to `up` and all under it at once: API, dispatcher, redis-server and its Ray."""
+    assert up.process is not None
+    everything = [up.process.pid, *descendants(up.process.pid)]
+    assert len(everything) > 6  # up, redis, worker, api and Ray's processes
+    for pid in everything:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    up.process.wait()
 
 
 def test_redis_killed_loses_no_acknowledged_job_and_the_api_says_503_meanwhile(
