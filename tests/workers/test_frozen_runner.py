@@ -4,7 +4,8 @@ The other dispatcher takes the job over; the frozen one's warm group is not froz
 (SIGSTOP stops one process), sees the lease gone and ends the stage, then ends itself once
 the frozen dispatcher's heartbeat lapses; the woken dispatcher writes nothing: not the new
 owner's grant, not its checkpoints, not artifacts, not the record. Real Redis, real local
-Ray, two `python -m workers` processes.
+Ray; the frozen dispatcher is a `python -m workers` process, the one that takes over runs in
+the test's process on the session's warm group (a process and a group start fewer).
 """
 
 import json
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from tests.conftest import train_worker_pids
 from tests.specs import digits_spec
 from tests.workers.test_dispatcher import wait_for
 from workers.checkpoints import latest_valid_checkpoint, load_state
+from workers.dispatcher import Dispatcher
 from workers.group_pool import GroupPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -70,35 +72,56 @@ class Peak(threading.Thread):
 
 
 @pytest.fixture
-def two_dispatchers(
-    settings: Settings, ray_address: str, tmp_path: Path, empty_group_pool: GroupPool
-) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Two `python -m workers`; the session's idle groups go first (the test counts workers)."""
+def first_dispatcher(
+    settings: Settings, ray_address: str, tmp_path: Path, one_group_pool: GroupPool
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A `python -m workers`, the one to freeze; the session keeps at most one idle group
+    (the test counts workers), which the second dispatcher takes over on."""
     env = {**os.environ, "AETRAIN_REDIS_URL": settings.require_redis_url(),
            "AETRAIN_STORAGE": str(settings.storage_root), "RAY_ADDRESS": ray_address,
            "RAY_AUTH_MODE": "token", "AETRAIN_LEASE_TTL_S": str(LEASE_TTL_S)}  # fmt: skip
-    procs = []
-    for name in ("a", "b"):
-        with open(tmp_path / f"{name}.log", "wb") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "workers"], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
-    yield procs
-    for proc in procs:
-        proc.send_signal(signal.SIGCONT)  # a stopped process would not see its SIGTERM
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with open(tmp_path / "first.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "workers"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    yield proc
+    proc.send_signal(signal.SIGCONT)  # a stopped process would not see its SIGTERM
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def second_dispatcher(
+    store: JobStore, storage: LocalStorage, settings: Settings, ray_address: str,
+    one_group_pool: GroupPool,
+) -> Iterator[Callable[[], Dispatcher]]:  # fmt: skip
+    """Starts, when called, a dispatcher in this process on the session's pool."""
+    started: list[tuple[Dispatcher, threading.Thread]] = []
+
+    def start() -> Dispatcher:
+        dispatcher = Dispatcher(store, storage, settings.require_redis_url(), ray_address,
+                                lease_ttl_s=LEASE_TTL_S, dispatcher_id="second",
+                                pool=one_group_pool)  # fmt: skip
+        thread = threading.Thread(target=dispatcher.run_forever, daemon=True)
+        thread.start()
+        started.append((dispatcher, thread))
+        return dispatcher
+
+    yield start
+    for dispatcher, thread in started:
+        dispatcher.stop()
+        thread.join(timeout=60)
 
 
 def test_a_dispatcher_frozen_past_its_lease_and_woken_leaves_the_new_owner_alone(
-    store: JobStore, storage: LocalStorage, two_dispatchers: list[subprocess.Popen[bytes]],
-    tmp_path: Path,
+    store: JobStore, storage: LocalStorage, first_dispatcher: subprocess.Popen[bytes],
+    second_dispatcher: Callable[[], Dispatcher], tmp_path: Path,
 ) -> None:  # fmt: skip
-    wait_for(lambda: store.dispatchers.live_count() == 2, 60, "both dispatchers to register")
+    first = first_dispatcher
+    wait_for(lambda: store.dispatchers.live_count() == 1, 60, "the first dispatcher")
     spec = digits_spec(epochs=EPOCHS, checkpoint_every=CHECKPOINT_EVERY, batch_size=BATCH)
     # Ray would restart a run whose rank raised (here: its epoch refused for a lost lease)
     # and resume it beside the new owner's: the stale run must end whatever this says.
@@ -120,7 +143,9 @@ def test_a_dispatcher_frozen_past_its_lease_and_woken_leaves_the_new_owner_alone
         return int(store.redis.get(store.keys.lease(job_id)) or 0)
 
     wait_for(lambda: epoch() >= FREEZE_AT, 90, f"epoch {FREEZE_AT}")
-    (first,) = [p for p in two_dispatchers if group_drivers(p.pid)]
+    assert group_drivers(first.pid)
+    second_dispatcher()
+    wait_for(lambda: store.dispatchers.live_count() == 2, 30, "the second dispatcher")
     old_token = lease_token()
     first.send_signal(signal.SIGSTOP)
     frozen_at, frozen_epoch = time.monotonic(), epoch()
@@ -190,6 +215,6 @@ def test_a_dispatcher_frozen_past_its_lease_and_woken_leaves_the_new_owner_alone
 
     # Woken, the frozen dispatcher saw its lease gone (its lease keeper or its stage's
     # outcome, whichever came first) and tried no write of the record: no "failed" to record.
-    frozen_log = (tmp_path / ("a.log" if first is two_dispatchers[0] else "b.log")).read_text()
+    frozen_log = (tmp_path / "first.log").read_text()
     assert f"job {job_id}: lease lost; another runner owns it now" in frozen_log
     assert f"job {job_id} failed" not in frozen_log and "could become" not in frozen_log
