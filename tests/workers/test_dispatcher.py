@@ -51,6 +51,18 @@ def make_dispatcher(
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def running(dispatcher: Dispatcher) -> Iterator[Dispatcher]:
+    """The dispatcher's loop in a thread of this process until the block ends, then stopped."""
+    thread = threading.Thread(target=dispatcher.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield dispatcher
+    finally:
+        dispatcher.stop()
+        thread.join(timeout=60)
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

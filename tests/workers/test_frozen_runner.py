@@ -8,6 +8,7 @@ Ray; the frozen dispatcher is a `python -m workers` process, the one that takes 
 the test's process on the session's warm group (a process and a group start fewer).
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.conftest import train_worker_pids
 from tests.specs import digits_spec
-from tests.workers.test_dispatcher import wait_for
+from tests.workers.test_dispatcher import running, wait_for
 from workers.checkpoints import latest_valid_checkpoint, load_state
 from workers.dispatcher import Dispatcher
 from workers.group_pool import GroupPool
@@ -99,21 +100,15 @@ def second_dispatcher(
     one_group_pool: GroupPool,
 ) -> Iterator[Callable[[], Dispatcher]]:  # fmt: skip
     """Starts, when called, a dispatcher in this process on the session's pool."""
-    started: list[tuple[Dispatcher, threading.Thread]] = []
+    with contextlib.ExitStack() as started:
 
-    def start() -> Dispatcher:
-        dispatcher = Dispatcher(store, storage, settings.require_redis_url(), ray_address,
-                                lease_ttl_s=LEASE_TTL_S, dispatcher_id="second",
-                                pool=one_group_pool)  # fmt: skip
-        thread = threading.Thread(target=dispatcher.run_forever, daemon=True)
-        thread.start()
-        started.append((dispatcher, thread))
-        return dispatcher
+        def start() -> Dispatcher:
+            dispatcher = Dispatcher(store, storage, settings.require_redis_url(), ray_address,
+                                    lease_ttl_s=LEASE_TTL_S, dispatcher_id="second",
+                                    pool=one_group_pool)  # fmt: skip
+            return started.enter_context(running(dispatcher))
 
-    yield start
-    for dispatcher, thread in started:
-        dispatcher.stop()
-        thread.join(timeout=60)
+        yield start
 
 
 def test_a_dispatcher_frozen_past_its_lease_and_woken_leaves_the_new_owner_alone(

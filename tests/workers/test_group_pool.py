@@ -1,7 +1,7 @@
 """Warm worker groups on a real local Ray: reuse, isolation, chains, keep-warm and letting go."""
 
+import contextlib
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +16,7 @@ from shared.storage import LocalStorage
 from shared.store import JobStore
 from tests.conftest import train_worker_pids
 from tests.specs import digits_spec
-from tests.workers.test_dispatcher import wait_for, wait_until_ended
+from tests.workers.test_dispatcher import running, wait_for, wait_until_ended
 from workers.dispatcher import Dispatcher
 from workers.group_pool import GroupPool
 
@@ -29,20 +29,14 @@ def start_dispatcher(
     empty_group_pool: GroupPool,
 ) -> Iterator[Callable[..., Dispatcher]]:  # fmt: skip
     """Dispatchers with pools of their own (the session's is emptied first, for the CPUs)."""
-    started: list[tuple[Dispatcher, threading.Thread]] = []
+    with contextlib.ExitStack() as started:
 
-    def start(**options: Any) -> Dispatcher:
-        dispatcher = Dispatcher(store, storage, settings.require_redis_url(), ray_address,
-                                lease_ttl_s=10.0, dispatcher_id="d1", **options)  # fmt: skip
-        thread = threading.Thread(target=dispatcher.run_forever, daemon=True)
-        thread.start()
-        started.append((dispatcher, thread))
-        return dispatcher
+        def start(**options: Any) -> Dispatcher:
+            dispatcher = Dispatcher(store, storage, settings.require_redis_url(), ray_address,
+                                    lease_ttl_s=10.0, dispatcher_id="d1", **options)  # fmt: skip
+            return started.enter_context(running(dispatcher))
 
-    yield start
-    for dispatcher, thread in started:
-        dispatcher.stop()
-        thread.join(timeout=60)
+        yield start
 
 
 def losses(store: JobStore, job_id: str) -> list[float]:
