@@ -45,16 +45,17 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def train_worker_pids() -> list[int]:
-    """This test process's Ray Train workers: those of its own Ray (the suite runs on several
-    processes, each with a Ray of its own), in the order they were started."""
+def train_worker_pids(actor: bytes = b"RayTrainWorker") -> list[int]:
+    """This test process's Ray Train workers (or other actors of that class name): those of
+    its own Ray (the suite runs on several processes, each with a Ray of its own), in the
+    order they were started."""
     pids = []
     for pid in sorted(descendants(os.getpid())):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:  # ended meanwhile
             continue
-        if b"RayTrainWorker" in args:
+        if actor in args:
             pids.append(pid)
     return pids
 

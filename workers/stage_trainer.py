@@ -1,9 +1,7 @@
 """The TorchTrainer a warm group runs, trimmed of what a group of ours never uses.
 
-Ray Train's controller is an actor process of its own: it unpickles the trainer's callbacks
-and the train function, importing their modules. This module is all it imports of ours, so
-it stays light (the ranks import the models, the data and scikit-learn, the controller and the
-group's driver do not).
+Only the group's driver imports this module (it imports torch, through `ray.train.torch`);
+what Ray Train's controller unpickles of the run is in group_run.py.
 """
 
 from typing import Any
@@ -13,33 +11,8 @@ from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import (
     PlacementGroupCleanerCallback,
 )
-from ray.train.v2._internal.execution.worker_group.worker import Worker
-from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
 
-
-def group_loop_entry(config: dict[str, Any]) -> None:
-    """What each rank runs (workers/group_loop.py), imported on the rank only."""
-    from workers.group_loop import group_loop_per_worker
-
-    group_loop_per_worker(config)
-
-
-class NoDatasets:
-    """The dataset shard provider of a run without Ray Datasets: each stage builds its own."""
-
-    def get_dataset_shard(self, dataset_info: Any) -> Any:
-        raise KeyError("a warm group's run has no Ray Datasets")
-
-
-class WithoutDatasetsCallback(DatasetsCallback):
-    """Ray Train starts a DatasetManager actor (one more process, ~1.5 s of CPU on 2 cores)
-    for every worker group and sends each rank Ray Data's context, datasets or not."""
-
-    def before_init_train_context(self, workers: list[Worker]) -> dict[str, list[Any]]:
-        return {"dataset_shard_provider": [NoDatasets()] * len(workers)}
-
-    def after_worker_group_start(self, worker_group: WorkerGroup) -> None:
-        pass
+from workers.group_run import WithoutDatasetsCallback
 
 
 class StageTrainer(TorchTrainer):

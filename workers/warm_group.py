@@ -21,13 +21,13 @@ from pathlib import Path
 import ray
 import redis
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig
 
 from shared import locations
 from shared.group_channel import GroupChannel, GroupConfig
 from shared.redis_keys import Keys
 from shared.store import connect
-from workers.stage_trainer import StageTrainer, group_loop_entry
+from workers.group_run import ProcessGroupConfig, group_loop_entry
+from workers.stage_trainer import StageTrainer
 
 RAY_ENV = {
     # Ray Train V2 polls its workers every 2 s by default: a dead rank was seen late. Every
@@ -89,7 +89,10 @@ def run(config: GroupConfig) -> None:
         train_loop_config=config.model_dump(mode="json"),
         # A rank that hangs (SIGSTOP, a dead NIC) is caught by the dispatcher's progress
         # deadline, which kills the group; the collective timeout is the backstop.
-        torch_config=TorchConfig(timeout_s=config.collective_timeout_s),
+        torch_config=ProcessGroupConfig(  # type: ignore[arg-type]  # TorchConfig, torch-free
+            backend="nccl" if shape.gpus_per_worker > 0 else "gloo",
+            timeout_s=config.collective_timeout_s,
+        ),
         scaling_config=ScalingConfig(
             num_workers=shape.workers,
             use_gpu=shape.gpus_per_worker > 0,

@@ -59,6 +59,11 @@ def test_a_job_on_a_warm_group_after_another_trains_exactly_as_on_a_fresh_group(
         assert wait_until_ended(client, ids[-1], 120)["state"] == "succeeded"
     (group,) = dispatcher.pool.groups.values()
     assert group.stages == 3  # all three on one group
+    # Ray Train's controller sets up the process group without importing torch (group_run.py).
+    controllers = train_worker_pids(b"TrainController")
+    assert controllers and not any(b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes()
+                                   for pid in controllers)  # fmt: skip
+    assert all(b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes() for pid in train_worker_pids())
     first, _, again = (losses(store, job_id) for job_id in ids)
     # Bit for bit: no weights, optimizer state, data or random stream carried over.
     assert again == first and len(first) == 4
