@@ -2,6 +2,7 @@
 read command, datasets, artifacts, logs (and following one), version, shell completion."""
 
 import json
+import shlex
 import subprocess
 import sys
 import threading
@@ -143,9 +144,11 @@ def test_version_prints_the_installed_version() -> None:
 
 def test_the_installed_command_completes_commands_and_options_in_bash() -> None:
     command = str(Path(sys.executable).parent / "aetrain")
-    shown = subprocess.run([command, "--show-completion", "bash"], capture_output=True,
-                           text=True, timeout=60)  # fmt: skip
-    assert shown.returncode == 0, (shown.stdout, shown.stderr)  # it failed once in a full run
+    # The shell is the one it runs under (typer looks up its parent processes, and takes no
+    # shell argument): a suite run with no bash above it got "Shell  not supported."
+    shown = subprocess.run(["bash", "-c", f"{shlex.quote(command)} --show-completion; exit $?"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert shown.returncode == 0, (shown.stdout, shown.stderr)
     assert "_AETRAIN_COMPLETE=complete_bash" in shown.stdout
 
     def complete(words: str) -> list[str]:
