@@ -46,10 +46,16 @@ def known_gap(case: schemathesis.Case[Any], response: Any) -> list[Any] | None:
 
     - schemathesis checks each Server-Sent Event against the `text/event-stream` schema, which
       OpenAPI 3.1 (FastAPI's) means for the whole stream: a string.
+    - A submission past the tenant's storage quota is a 507 (docs/api.md), a 5xx: a valid
+      spec may keep 100 checkpoints of a wide mnist5k stack, ~30 GB by its estimate, past
+      the default 20 GiB (once in a full run).
     """
     label, status = case.operation.label, response.status_code
     if label == "GET /v1/jobs/{job_id}/events" and status == 200:
         return [not_a_server_error, content_type_conformance]
+    if label == "POST /v1/jobs" and status == 507:
+        assert "AETRAIN_STORAGE_QUOTA_BYTES" in response.text, response.text
+        return [content_type_conformance]
     return None
 
 
