@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "digits-dense.yaml"
 TERMINAL = {"succeeded", "failed", "cancelled"}
-LONG_EPOCHS, CHECKPOINT_EVERY = 150, 30
+LONG_EPOCHS, CHECKPOINT_EVERY = 300, 30  # an epoch takes ~25 ms: room for a slow stop
 
 
 class UpProcess:
@@ -142,8 +142,17 @@ def test_up_runs_the_example_and_keeps_every_job_through_a_stop_and_a_kill_of_ev
     assert pulled.returncode == 0, pulled.stderr
     assert (tmp_path / "encoder.pt").stat().st_size > 1000
 
-    wait_for_job(up.url, long_id, lambda j: j["attempts"] == 2 and (j["epoch"] or 0) >= 100,
-                 timeout_s=180)  # fmt: skip
+    # Killed once the second run has written a checkpoint of its own, so that the third run
+    # resumes from it. Not at a fixed epoch: when the stop came late, the first run had
+    # checkpointed past it, and the third resumed from the first's (a CI failure).
+    second = wait_for_job(up.url, long_id, lambda j: j["attempts"] == 2)
+    # The first run's last epoch, or a later one of the second run's: the second run resumed
+    # at most one past it, so the first checkpoint after it is the second run's. Two epochs
+    # more, and that checkpoint is written.
+    seen = second["epoch"] or 0
+    checkpointed = seen + 1 + (-(seen + 2)) % CHECKPOINT_EVERY
+    assert checkpointed + 2 < LONG_EPOCHS - 20, (seen, "the first run went too far: more epochs")
+    wait_for_job(up.url, long_id, lambda j: (j["epoch"] or 0) >= checkpointed + 2, timeout_s=180)
     short_ids = [httpx.post(f"{up.url}/v1/jobs", json=_example(epochs=3)).json()["id"]
                  for _ in range(2)]  # fmt: skip
     kill_everything(up)
