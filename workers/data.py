@@ -91,7 +91,7 @@ def load_raw(
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits (1,797 8x8 images), read from the file it ships with, as its
-    `load_digits` reads it: importing scikit-learn would cost a rank ~2 CPU-s (splits.py)."""
+    `load_digits` reads it, without importing scikit-learn (splits.py says what that costs)."""
     package = importlib.util.find_spec("sklearn")
     if package is None or not package.submodule_search_locations:
         raise ValueError("dataset digits ships with scikit-learn, which is not installed")

@@ -3,7 +3,7 @@
 The controller is an actor process of its own. It unpickles the run's context, its callbacks
 and their backend config, importing their modules, and never touches a tensor. Ray Train's
 `TorchConfig` lives in a module that imports torch, so every group's controller imported
-torch: ~2 CPU-s and ~1 s of each group's start on 2 cores (bench/cold_start.py).
+torch: 1.3 CPU-s and ~1 s of each group's start on 2 cores (bench/cold_start.py).
 `ProcessGroupConfig` sets up the ranks' torch process group as `TorchConfig` does with its
 default "env" method (Ray Train's `_TorchBackend.on_start` and `on_shutdown`, gloo or nccl),
 from the controller, with each step that needs torch run on the ranks by Ray Train's own

@@ -1,9 +1,10 @@
 """Seeded train/test splits of sample indices, drawn as scikit-learn's `train_test_split`
 draws them, number for number.
 
-Every rank built its job's splits with scikit-learn, and importing it cost ~2 CPU-s of each
-rank's start (its ~7 s of imports, measured on 2 cores; a group starts a rank per worker and
-restarts them all after a failure). The draws here are scikit-learn's (ShuffleSplit, and
+Every rank built its job's splits with scikit-learn, and importing it was ~2 s of a rank's
+~7 s of imports (`python -X importtime`, 2 cores); without it, a new rank's CPU went from 5.6
+to 4.5 CPU-s (bench/cold_start.py). A group starts a rank per worker, and starts them all
+again after a failure. The draws here are scikit-learn's (ShuffleSplit, and
 StratifiedShuffleSplit with its `_approximate_mode`), so a job's split and the benchmarks'
 figures stay what they were; tests/workers/test_splits.py checks them against scikit-learn.
 """
