@@ -80,7 +80,7 @@ def cpu_by_role(before: set[int]) -> dict[str, float]:
     return spent
 
 
-def wait_until_no_group(stack: Stack, timeout_s: float = 120.0) -> None:
+def wait_until_no_group(timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not any(b"ray::RayTrainWorker" in cmd for cmd, _, _ in processes().values()):
@@ -90,7 +90,7 @@ def wait_until_no_group(stack: Stack, timeout_s: float = 120.0) -> None:
 
 
 def one_job(stack: Stack, spec: dict[str, object]) -> dict[str, float]:
-    wait_until_no_group(stack)
+    wait_until_no_group()
     time.sleep(3.0)  # the retired group's processes have ended; the machine is quiet
     before = set(processes())
     cpu_at_start = busy_cpu_s()
